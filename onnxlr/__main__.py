@@ -1,0 +1,5 @@
+import sys
+
+from onnxlr.cli import main
+
+sys.exit(main())

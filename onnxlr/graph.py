@@ -1,0 +1,95 @@
+"""Graph helpers shared by the passes, over onnx-graphsurgeon.
+
+Passes see a ``gs.Graph`` in which every constant weight is a ``gs.Constant`` — whether the exporter
+stored it as an initializer or as a ``Constant`` node (some exporters do the latter), because
+:func:`hoist_constant_nodes` turns those nodes into initializers before import.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+
+
+def hoist_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy of ``model`` whose top-level tensor-valued ``Constant`` nodes are initializers.
+
+    The two forms compute the same thing; initializers are what weight-rewriting passes look for.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    kept = []
+    for node in graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return out
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import ``model`` into onnx-graphsurgeon, with Constant nodes hoisted to initializers."""
+    return gs.import_onnx(hoist_constant_nodes(model))
+
+
+def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` back to a ModelProto, keeping ``template``'s model-level metadata."""
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph)
+    model.ir_version = template.ir_version
+    model.model_version = template.model_version
+    model.domain = template.domain
+    model.doc_string = template.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    return model
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of ``tensor`` if it is a constant, else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    return None
+
+
+def consumer_counts(graph: gs.Graph) -> Counter:
+    """How many node inputs read each tensor name (a weight read twice is shared)."""
+    counts: Counter = Counter()
+    for node in graph.nodes:
+        for tensor in node.inputs:
+            counts[tensor.name] += 1
+    return counts
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``… — the first name no tensor or node in ``graph`` uses."""
+    taken = set(graph.tensors().keys()) | {node.name for node in graph.nodes}
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Number of scalar weights in the model's initializers and Constant nodes (top-level graph)."""
+    total = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    total += int(np.prod(attr.t.dims))
+    return total
+
+

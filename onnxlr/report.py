@@ -1,0 +1,126 @@
+"""The optimization report: what each pass did, sizes, and numerical / latency validation.
+
+``Report.to_dict()`` is the JSON form (``--report out.json``); ``Report.format()`` the text the CLI
+prints. Figures:
+
+- params: scalar weights in initializers and Constant nodes; bytes: serialized model size.
+- per rewritten layer: weight shape (k, n), chosen rank, parameters before → after, the share of the
+  squared singular-value spectrum kept, and the relative weight error ``||W - AB|| / ||W||``.
+- per provider and output: max abs error, relative L2 error ``||y' - y|| / ||y||``, cosine similarity
+  (whole tensor and worst sample), and latency medians (p90) measured interleaved with the original;
+  speed-up = original median / optimized median.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from onnxlr.graph import count_parameters
+from onnxlr.pipeline import PassRecord
+from onnxlr.runtimes.compare import Tolerance
+from onnxlr.runtimes.validate import Validation
+
+
+@dataclass
+class ModelSummary:
+    params: int
+    bytes: int
+    nodes: int
+    path: str = ""
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, path: str = "") -> "ModelSummary":
+        return cls(count_parameters(model), model.ByteSize(), len(model.graph.node), path)
+
+
+@dataclass
+class Report:
+    original: ModelSummary
+    optimized: ModelSummary
+    passes: list[PassRecord] = field(default_factory=list)
+    validation: Validation | None = None
+    tolerance: Tolerance | None = None
+    written: bool = False
+
+    @property
+    def passed(self) -> bool | None:
+        """Whether every output on every available provider meets the tolerance (None: no tolerance).
+
+        An optimized model that fails to run on an available provider fails the tolerance too.
+        """
+        if self.tolerance is None or self.validation is None:
+            return None
+        ran = [p for p in self.validation.providers if p.available]
+        return bool(ran) and all(
+            not p.reason and all(self.tolerance.holds(o) for o in p.outputs) for p in ran
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["tolerance"] = str(self.tolerance) if self.tolerance else None
+        out["passed"] = self.passed
+        if self.validation:
+            for result, provider in zip(out["validation"]["providers"], self.validation.providers):
+                result["speedup"] = provider.speedup
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def format(self) -> str:
+        """Human-readable report."""
+        lines = []
+        o, n = self.original, self.optimized
+        lines.append(f"params  {o.params:,} -> {n.params:,}  ({_ratio(n.params, o.params)})")
+        lines.append(f"bytes   {o.bytes:,} -> {n.bytes:,}  ({_ratio(n.bytes, o.bytes)})")
+        for record in self.passes:
+            lines.append("")
+            lines.append(f"pass {record.name}: {len(record.rewritten)} rewritten, {len(record.skipped)} skipped")
+            for change in record.rewritten:
+                d = change.details
+                lines.append(
+                    f"  {change.node:<40} {d['shape'][0]}x{d['shape'][1]} rank {d['rank']:<5} "
+                    f"params {d['params']:>9,} -> {d['params_after']:>9,}  "
+                    f"energy {d['energy_kept']:.3f}  weight err {d['weight_error']:.3f}"
+                )
+            reasons: dict[str, list[str]] = {}
+            for change in record.skipped:
+                reasons.setdefault(change.reason, []).append(change.node)
+            for reason, nodes in reasons.items():
+                shown = ", ".join(nodes[:3]) + (f" … (+{len(nodes) - 3})" if len(nodes) > 3 else "")
+                lines.append(f"  skipped {len(nodes)}: {reason}  [{shown}]")
+        if self.validation:
+            v = self.validation
+            lines.append("")
+            lines.append(f"validation on {v.inputs} ({v.samples} samples), {v.threads} threads, "
+                         f"latency batch {v.latency_batch}")
+            for p in v.providers:
+                if not p.available:
+                    lines.append(f"  {p.provider}: not run: {p.reason}")
+                    continue
+                if p.reason:
+                    lines.append(f"  {p.provider}: {p.reason}")
+                    continue
+                lines.append(
+                    f"  {p.provider}: latency {p.latency_original.median_ms:.2f} ms "
+                    f"(p90 {p.latency_original.p90_ms:.2f}) -> {p.latency_optimized.median_ms:.2f} ms "
+                    f"(p90 {p.latency_optimized.p90_ms:.2f}), speed-up {p.speedup:.2f}x"
+                )
+                for c in p.outputs:
+                    lines.append(
+                        f"    output {c.name}: max abs {c.max_abs:.3g}, rel L2 {c.rel_l2:.3g}, "
+                        f"cosine {c.cosine:.5f} (worst sample {c.cosine_min:.5f})"
+                    )
+        if self.tolerance is not None:
+            lines.append("")
+            lines.append(f"tolerance {self.tolerance}: {'PASSED' if self.passed else 'FAILED'}")
+        return "\n".join(lines)
+
+
+def _ratio(new: int, old: int) -> str:
+    return f"{new / old:.1%} of original" if old else "n/a"

@@ -1,0 +1,84 @@
+"""Numerical comparison of a model's outputs with a reference's (plain numpy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class OutputComparison:
+    """Agreement of one output with the reference, over all samples.
+
+    max_abs : largest absolute difference.
+    rel_l2 : ``||out - ref|| / ||ref||`` over the whole tensor.
+    cosine : cosine similarity of the flattened tensors.
+    cosine_min : the worst per-sample (axis 0) cosine; equals ``cosine`` for 0-/1-D outputs.
+    """
+
+    name: str
+    shape: list[int]
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    cosine_min: float
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of 2-D arrays; two zero rows agree perfectly (1.0)."""
+    num = np.sum(a * b, axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+    return np.where(both_zero, 1.0, cos)
+
+
+def compare(name: str, reference: np.ndarray, output: np.ndarray) -> OutputComparison:
+    """Compare ``output`` with ``reference`` (same shape) in float64."""
+    ref = np.asarray(reference, dtype=np.float64)
+    out = np.asarray(output, dtype=np.float64)
+    if ref.shape != out.shape:
+        raise ValueError(f"output {name!r}: shape {list(out.shape)} differs from reference {list(ref.shape)}")
+    diff = out - ref
+    ref_norm = np.linalg.norm(ref)
+    if ref_norm > 0:
+        rel = float(np.linalg.norm(diff) / ref_norm)
+    else:
+        rel = 0.0 if not diff.any() else float("inf")
+    cosine = float(_cosine(ref.reshape(1, -1), out.reshape(1, -1))[0])
+    rows = ref.reshape(ref.shape[0], -1) if ref.ndim >= 2 else ref.reshape(1, -1)
+    cosine_min = float(_cosine(rows, out.reshape(rows.shape)).min()) if rows.size else 1.0
+    return OutputComparison(
+        name=name,
+        shape=list(ref.shape),
+        max_abs=float(np.abs(diff).max()) if diff.size else 0.0,
+        rel_l2=rel,
+        cosine=cosine,
+        cosine_min=cosine_min,
+    )
+
+
+TOLERANCE_METRICS = {
+    # metric -> (what is compared, True if larger is better)
+    "rel_l2": ("relative L2 error", False),
+    "max_abs": ("max abs error", False),
+    "cosine": ("worst per-sample cosine", True),
+}
+
+
+@dataclass
+class Tolerance:
+    """A bound every output must meet: ``rel_l2``/``max_abs`` at most ``value``, ``cosine`` at least."""
+
+    metric: str
+    value: float
+
+    def holds(self, comparison: OutputComparison) -> bool:
+        got = comparison.cosine_min if self.metric == "cosine" else getattr(comparison, self.metric)
+        return got >= self.value if TOLERANCE_METRICS[self.metric][1] else got <= self.value
+
+    def __str__(self) -> str:
+        what, larger_better = TOLERANCE_METRICS[self.metric]
+        return f"{what} {'>=' if larger_better else '<='} {self.value:g}"
