@@ -104,5 +104,7 @@ def rank_for_energy(s: np.ndarray, energy: float) -> int:
 
 def relative_error_at_rank(s: np.ndarray, rank: int) -> float:
     """Relative Frobenius error ``||W - A B|| / ||W||`` of the best rank-``rank`` approximation."""
-    kept = energy_kept(s)
-    return float(np.sqrt(max(0.0, 1.0 - kept[rank - 1])))
+    sq = np.asarray(s, dtype=np.float64) ** 2
+    total = sq.sum()
+    # Summing the tail directly (not 1 - kept share) stays accurate when the error is tiny.
+    return float(np.sqrt(sq[rank:].sum() / total)) if total > 0 else 0.0
