@@ -109,11 +109,23 @@ def _validation_kwargs(args) -> dict:
                 repeats=args.repeats)
 
 
-def _finish(report, args) -> int:
+def _check_report_path(args) -> None:
+    """Fail before the slow work if the JSON report could not be written."""
+    if getattr(args, "report", None):
+        folder = Path(args.report).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise OnnxlrError(f"cannot write the report: folder {folder} does not exist or is not writable")
+
+
+def _emit(report, args) -> None:
     print(report.format())
     if getattr(args, "report", None):
-        Path(args.report).write_text(report.to_json())
-    return EXIT_TOLERANCE if report.passed is False else EXIT_OK
+        tmp = Path(args.report).with_name(f".{Path(args.report).name}.tmp")
+        tmp.write_text(report.to_json())
+        os.replace(tmp, args.report)
+    if report.tolerance is not None and not any(p.available for p in report.validation.providers):
+        raise OnnxlrError("none of the requested providers is in this onnxruntime build, "
+                          "so --max-error could not be checked")
 
 
 def cmd_optimize(args) -> int:
@@ -122,24 +134,30 @@ def cmd_optimize(args) -> int:
     for name in ("threads", "batch_size", "repeats"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise OnnxlrError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.no_validate and args.max_error is not None:
+        raise OnnxlrError("--max-error needs validation; drop --no-validate")
+    _check_report_path(args)
     optimized, report = api.optimize(
         args.model, rank_ratio=args.rank_ratio, energy=args.energy, ranks=_parse_ranks(args.rank),
         force=args.force, validate=not args.no_validate, **_validation_kwargs(args))
     if report.passed is False:
-        print(report.format())
+        _emit(report, args)
         print(f"onnxlr: result fails the tolerance ({report.tolerance}); {args.output} not written",
               file=sys.stderr)
         return EXIT_TOLERANCE
     api.write(optimized, args.output, source=args.model, external_data=args.external_data or None)
     report.optimized.path = args.output
     report.written = True
-    code = _finish(report, args)
+    _emit(report, args)
     print(f"\nwrote {args.output}")
-    return code
+    return EXIT_OK
 
 
 def cmd_validate(args) -> int:
-    return _finish(api.validate(args.original, args.optimized, **_validation_kwargs(args)), args)
+    _check_report_path(args)
+    report = api.validate(args.original, args.optimized, **_validation_kwargs(args))
+    _emit(report, args)
+    return EXIT_TOLERANCE if report.passed is False else EXIT_OK
 
 
 def cmd_inspect(args) -> int:

@@ -2,7 +2,8 @@
 
 - The input file is only ever opened for reading.
 - External data is loaded only from inside the model's own folder: a location that is absolute,
-  climbs out with ``..`` or resolves (through symlinks) outside the folder is refused.
+  climbs out with ``..`` or resolves (through symlinks) outside the folder is refused; onnx itself
+  also refuses data files that are symbolic links.
 - Outputs are written atomically: everything goes to a temporary file in the destination folder,
   which is renamed over the destination only once complete and checked.
 - Tensors above :data:`EXTERNAL_DATA_THRESHOLD` in total are written as external data automatically,
@@ -88,7 +89,10 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     for tensor in external:
         _check_external_location(tensor, base_dir)
     if external:
-        external_data_helper.load_external_data_for_model(model, str(base_dir))
+        try:
+            external_data_helper.load_external_data_for_model(model, str(base_dir))
+        except (ValueError, OSError, onnx.checker.ValidationError) as exc:
+            raise OnnxlrError(f"{path}: cannot read external data: {' '.join(str(exc).split())[:200]}") from None
     return model
 
 
@@ -163,7 +167,7 @@ def save_model(
             else:
                 check_model(model)
         # Data file first: the model file only appears once everything it refers to is in place.
-        if external_data:
+        if (tmp_dir / data_name).exists():  # absent when no tensor was large enough to move out
             os.replace(tmp_dir / data_name, folder / data_name)
         os.replace(tmp_model, path)
     finally:

@@ -116,7 +116,7 @@ class Report:
                         f"    output {c.name}: max abs {c.max_abs:.3g}, rel L2 {c.rel_l2:.3g}, "
                         f"cosine {c.cosine:.5f} (worst sample {c.cosine_min:.5f})"
                     )
-        if self.tolerance is not None:
+        if self.passed is not None:
             lines.append("")
             lines.append(f"tolerance {self.tolerance}: {'PASSED' if self.passed else 'FAILED'}")
         return "\n".join(lines)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from tqdm import tqdm
 
 from onnxlr import linalg
 from onnxlr.errors import OnnxlrError
@@ -163,7 +164,8 @@ class FactorizeMatMul:
 
         svds: dict[tuple[str, bool], tuple] = {}
         factors: dict[tuple[str, bool, int], tuple[gs.Constant, gs.Constant]] = {}
-        for layer in layers:
+        # disable=None: a progress bar on a terminal only, silent in logs and tests
+        for layer in tqdm(layers, desc="factorize", unit="layer", disable=None, leave=False):
             key = (layer.weight.name, layer.transposed)
             if key not in svds:
                 svds[key] = linalg.svd(layer.W)

@@ -124,6 +124,8 @@ def load_npz(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.nd
     path = Path(path)
     if not path.is_file():
         raise OnnxlrError(f"input file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise OnnxlrError(f"{path} is not an .npz file (arrays saved with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as data:
             feeds = {name: data[name] for name in data.files}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
+from tqdm import tqdm
 
 from onnxlr.errors import OnnxlrError
 from onnxlr.runtimes import compare as cmp
@@ -47,7 +48,8 @@ class Validation:
 def _run_all(session: ort.InferenceSession, feeds, batch_size: int) -> dict[str, np.ndarray]:
     """Outputs over all of ``feeds``, run in batches and concatenated along axis 0."""
     names = [o.name for o in session.get_outputs()]
-    chunks = [session.run(None, batch) for batch in batches(feeds, batch_size)]
+    progress = tqdm(batches(feeds, batch_size), desc="compare", unit="batch", disable=None, leave=False)
+    chunks = [session.run(None, batch) for batch in progress]
     if len(chunks) == 1:
         return dict(zip(names, chunks[0]))
     return {name: np.concatenate([np.atleast_1d(c[i]) for c in chunks]) for i, name in enumerate(names)}
@@ -89,6 +91,9 @@ def validate_models(
             results.append(ProviderResult(provider, available=True,
                                           reason=f"optimized model failed: {_one_line(exc)}"))
             continue
+        mismatch = _output_mismatch(reference, produced)
+        if mismatch:
+            raise OnnxlrError(f"the models cannot be compared: {mismatch}")
         outputs = [cmp.compare(name, reference[name], produced[name]) for name in reference]
         timing = lat.measure({"original": ref_session, "optimized": opt_session}, first,
                              warmup=warmup, repeats=repeats)
@@ -102,6 +107,16 @@ def validate_models(
         threads=threads,
         providers=results,
     )
+
+
+def _output_mismatch(reference: dict[str, np.ndarray], produced: dict[str, np.ndarray]) -> str:
+    """Why two models' outputs cannot be compared one to one, or "" if they can."""
+    if list(reference) != list(produced):
+        return f"outputs {list(reference)} vs {list(produced)}"
+    for name, ref in reference.items():
+        if ref.shape != produced[name].shape:
+            return f"output {name!r} has shape {list(ref.shape)} vs {list(produced[name].shape)}"
+    return ""
 
 
 def _one_line(exc: Exception) -> str:

@@ -18,33 +18,6 @@ from onnxlr.models import metrics, minilm, mnist, text
 slow = pytest.mark.slow
 
 
-# --------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("models_cache")
-
-
-@pytest.fixture(scope="session")
-def text_paths(cache):
-    return text.build_splits(cache)
-
-
-@pytest.fixture(scope="session")
-def minilm_path(cache):
-    return minilm.build(cache)
-
-
-@pytest.fixture(scope="session")
-def mnist_path(cache):
-    return mnist.build(cache)
-
-
-@pytest.fixture(scope="session")
-def eval_feeds(text_paths):
-    return text.load(text_paths[1])
-
-
 # --------------------------------------------------------------------------- text
 
 @slow

@@ -1,0 +1,68 @@
+"""End to end on the reference models: exactness at full rank, the CLI on MiniLM, the demo."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxlr
+from onnxlr.cli import main
+from onnxlr.models import metrics, minilm, mnist
+from onnxlr.runtimes.providers import make_session
+
+pytestmark = pytest.mark.slow
+
+
+def test_minilm_full_rank_reproduces_the_embeddings(minilm_path, eval_feeds):
+    optimized, report = onnxlr.optimize(minilm_path, rank_ratio=1.0, force=True, validate=False)
+    record = report.passes[0]
+    assert len(record.rewritten) == 36  # Q, K, V, O, FFN-in, FFN-out x 6 layers
+    feeds = {k: v[:64] for k, v in eval_feeds.items()}
+    reference = minilm.embed(minilm_path, feeds)
+    produced = minilm.embed(optimized, feeds)
+    assert np.abs(produced - reference).max() < 1e-5
+    assert metrics.cosine_rows(reference, produced).min() > 0.99999
+
+
+def test_mnist_gemm_layers_at_full_rank_keep_every_prediction(mnist_path, cache):
+    optimized, report = onnxlr.optimize(mnist_path, rank_ratio=1.0, force=True, validate=False)
+    assert [c.op for c in report.passes[0].rewritten] == ["Gemm"] * 3
+    images, _ = mnist.load_test(cache)
+    ref = make_session(str(mnist_path), "CPUExecutionProvider", 2).run(None, {"image": images})[0]
+    out = make_session(optimized.SerializeToString(), "CPUExecutionProvider", 2).run(None, {"image": images})[0]
+    assert np.abs(out - ref).max() < 1e-4 * np.abs(ref).max()
+    assert metrics.top1_agreement(ref, out) == 1.0
+
+
+def test_cli_optimizes_minilm_at_rank_ratio_half(minilm_path, text_paths, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    report_path = tmp_path / "report.json"
+    code = main(["optimize", str(minilm_path), "-o", str(out), "--rank-ratio", "0.5",
+                 "--inputs", str(text_paths[1]), "--repeats", "5", "--report", str(report_path)])
+    text = capsys.readouterr().out
+    assert code == 0
+    onnx.checker.check_model(str(out))
+    report = json.loads(report_path.read_text())
+    assert report["optimized"]["params"] < report["original"]["params"]
+    assert report["optimized"]["bytes"] < report["original"]["bytes"]
+    cpu = report["validation"]["providers"][0]
+    assert cpu["provider"] == "CPUExecutionProvider" and cpu["available"]
+    assert cpu["latency_original"]["median_ms"] > 0 and cpu["speedup"] > 0
+    embedding = cpu["outputs"][0]
+    assert embedding["name"] == "embedding" and 0 < embedding["cosine"] < 1 and embedding["rel_l2"] > 0
+    assert report["validation"]["samples"] == 512
+    for figure in ("params", "bytes", "rel L2", "cosine", "latency", "speed-up"):
+        assert figure in text
+    # the written model is the validated one: it runs and gives the reported agreement
+    feeds = dict(np.load(text_paths[1]))
+    got, ref = minilm.embed(str(out), feeds), minilm.embed(str(minilm_path), feeds)
+    flat = float(np.sum(got * ref) / (np.linalg.norm(got) * np.linalg.norm(ref)))
+    assert flat == pytest.approx(embedding["cosine"], abs=1e-4)
+
+
+def test_demo_builds_optimizes_and_reports(cache, minilm_path, text_paths, capsys):
+    assert main(["demo", "--cache-dir", str(cache)]) == 0
+    text = capsys.readouterr().out
+    assert "pass factorize_matmul" in text and "CPUExecutionProvider" in text
+    onnx.checker.check_model(str(cache / "minilm.small.onnx"))
