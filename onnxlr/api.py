@@ -99,6 +99,8 @@ def optimize(
     energy: float | None = None,
     ranks: Mapping[str, int] | None = None,
     force: bool = False,
+    refit: bool = True,
+    bias_correction: bool = True,
     providers: str | Sequence[str] = ("cpu",),
     inputs: InputsLike = None,
     dims: Mapping[str, int] | None = None,
@@ -123,6 +125,8 @@ def optimize(
         With neither, ``rank_ratio=DEFAULT_RANK_RATIO``.
     ranks : per-layer ranks keyed by node or weight name (override the rule above).
     force : rewrite layers even when their rank would not save parameters.
+    refit, bias_correction : data-aware methods refit the output factor to the layer's true output
+        and fold the mean output error into the bias; switch off for ablations.
     providers : execution providers to validate on (``"cpu,cuda"`` or a list).
     inputs : sample inputs: .npz path or dict keyed by input name; None for synthetic ones.
     dims : values of symbolic input dimensions for synthetic inputs.
@@ -141,7 +145,8 @@ def optimize(
         rank_ratio = DEFAULT_RANK_RATIO
     method = method or ("whitened" if calib is not None else "svd")
     config = FactorizeMatMulConfig(method=method, rank_ratio=rank_ratio, energy=energy,
-                                   ranks=dict(ranks or {}), force=force)
+                                   ranks=dict(ranks or {}), force=force, refit=refit,
+                                   bias_correction=bias_correction)
     tolerance = parse_tolerance(max_error)
     parse_providers(providers)  # fail on an unknown provider before the slow part
     if method in DATA_AWARE and calib is None:

@@ -9,6 +9,7 @@ factorization only pays when ``r < k*n / (k+n)`` (the break-even rank).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
@@ -238,6 +239,49 @@ def whitened_spectrum(W: np.ndarray, G: np.ndarray, *, rel_eps: float = 1e-6) ->
     return scipy.linalg.svdvals(T) if T.size else np.zeros(0)
 
 
+def clamped_eigh(G: np.ndarray, *, rel_eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """``G = Q diag(lam) Q^T`` with eigenvalues clamped at ``rel_eps * max`` (see ``whitening_factor``).
+
+    The expensive O(k^3) step of every whitened method; compute it once per layer input and share it
+    between the layers that read the same tensor (Q, K and V projections, say).
+    """
+    G = np.asarray(G, dtype=np.float64)
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise ValueError(f"expected a square Gram matrix, got shape {G.shape}")
+    return _clamped_eigh(_as_gram(G, G.shape[0]), rel_eps)
+
+
+@dataclass
+class WhitenedSVD:
+    """The SVD of the whitened weight ``S^T W = U diag(s) V^T``, computed once.
+
+    ``s`` is the calibrated spectrum and ``factors(r)`` the optimal rank-r factors for every r (see
+    ``whitened_svd``), so choosing a rank and building factors cost one SVD per weight.
+    """
+
+    U: np.ndarray
+    s: np.ndarray
+    Vt: np.ndarray
+    Q: np.ndarray
+    root: np.ndarray  # sqrt of the clamped eigenvalues
+
+    @classmethod
+    def fit(cls, W: np.ndarray, eig: tuple[np.ndarray, np.ndarray]) -> "WhitenedSVD":
+        """``W`` of shape (k, n); ``eig = (lam, Q)`` from ``clamped_eigh`` of the (k, k) Gram."""
+        W = _as_matrix(W)
+        lam, Q = eig
+        root = np.sqrt(lam)
+        U, s, Vt = svd(root[:, None] * (Q.T @ W))
+        return cls(U, s, Vt, Q, root)
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """``A`` (k, rank) and ``B`` (rank, n) with ``A = S^{-T} U_r Σ_r^{1/2}``, ``B = Σ_r^{1/2} V_r^T``."""
+        rank = _check_rank(rank, self.s.size)
+        half = np.sqrt(self.s[:rank])
+        A = self.Q @ ((self.U[:, :rank] * half) / self.root[:, None])
+        return A, half[:, None] * self.Vt[:rank]
+
+
 def whitened_svd(W: np.ndarray, G: np.ndarray, rank: int, *, rel_eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """Rank-``rank`` factorization minimising the calibrated error ``||X (W - A B)||_F`` (SVD-LLM).
 
@@ -263,15 +307,8 @@ def whitened_svd(W: np.ndarray, G: np.ndarray, rank: int, *, rel_eps: float = 1e
     """
     W = _as_matrix(W)
     k, n = W.shape
-    G = _as_gram(G, k)
     rank = _check_rank(rank, min(k, n))
-    lam, Q = _clamped_eigh(G, rel_eps)
-    root = np.sqrt(lam)
-    U, s, Vt = svd(root[:, None] * (Q.T @ W))
-    half = np.sqrt(s[:rank])
-    A = Q @ ((U[:, :rank] * half) / root[:, None])
-    B = half[:, None] * Vt[:rank]
-    return A, B
+    return WhitenedSVD.fit(W, _clamped_eigh(_as_gram(G, k), rel_eps)).factors(rank)
 
 
 def _weighted_svd(W: np.ndarray, rank: int, d_row: np.ndarray, d_col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -199,29 +199,42 @@ class FactorizeMatMul:
             merged[key] = found if key not in merged else merged[key].merged(found)
         return merged
 
-    def _spectrum(self, W: np.ndarray, st: TensorStats | None) -> np.ndarray:
-        """The spectrum the method truncates; the energy rule reads it."""
-        if st is not None and self.config.method in ("whitened", "isvt"):
-            return linalg.whitened_spectrum(W, st.centered_gram)
-        return linalg.svd(W)[1]
-
-    def _factors(self, W: np.ndarray, st: TensorStats | None, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    def _decompose(self, W: np.ndarray, st: TensorStats | None):
+        """``(spectrum, factors)`` for one weight: the spectrum the method truncates (which the
+        energy rule reads) and a function ``rank -> (A, B)``. The expensive parts — the eigen-
+        decomposition of the Gram (shared by every layer reading the same input) and one SVD per
+        weight — are done once, whatever ranks are asked for."""
         method = self.config.method if st is not None else "svd"
+        if st is None:
+            U, s, Vt = linalg.svd(W)
+            return s, lambda r: (U[:, :r] * np.sqrt(s[:r]), np.sqrt(s[:r])[:, None] * Vt[:r])
+        # Centered statistics + the bias correction give the optimal affine fit (R8 in the research notes).
+        gram = st.centered_gram if self.config.bias_correction else st.gram
+        key = (id(st), self.config.bias_correction)
+        if key not in self._eigs:
+            self._eigs[key] = linalg.clamped_eigh(gram)
+        lam, Q = self._eigs[key]
         if method == "whitened":
-            A, B = linalg.whitened_svd(W, st.centered_gram, rank)
-        elif method == "isvt":
-            A, B, _ = linalg.isvt(W, st.centered_gram, rank)
-        elif method == "asvd":
-            A, B = linalg.asvd(W, st.mean_abs, rank)
+            whitened = linalg.WhitenedSVD.fit(W, (lam, Q))
+            return whitened.s, whitened.factors
+        if method == "isvt":
+            return linalg.WhitenedSVD.fit(W, (lam, Q)).s, lambda r: linalg.isvt(W, gram, r)[:2]
+        U, s, Vt = linalg.svd(W)
+        if method == "asvd":
+            factors = lambda r: linalg.asvd(W, st.mean_abs, r)  # noqa: E731
         else:
-            A, B = linalg.truncated_svd(W, rank)
-        if st is not None and self.config.refit and method != "whitened":  # whitened is already optimal
-            gram = st.centered_gram if self.config.bias_correction else st.gram
-            # Refit against the clamped Gram S Sᵀ: on directions the calibration data never reaches,
-            # the raw Gram would let B drift arbitrarily far from W.
-            S, _ = linalg.whitening_factor(gram)
-            B = linalg.refit_output_factor(W, A, S @ S.T)
-        return A, B
+            factors = lambda r: (U[:, :r] * np.sqrt(s[:r]), np.sqrt(s[:r])[:, None] * Vt[:r])  # noqa: E731
+        if not self.config.refit:
+            return s, factors
+        # Refit B against the clamped Gram Q diag(lam) Qᵀ: on directions the calibration data never
+        # reaches, the raw Gram would let B drift arbitrarily far from W.
+        clamped = (Q * lam) @ Q.T
+
+        def refitted(rank):
+            A = factors(rank)[0]
+            return A, linalg.refit_output_factor(W, A, clamped)
+
+        return s, refitted
 
     def run(self, graph: gs.Graph) -> PassRecord:
         record = PassRecord(self.name, config_dict(self.config))
@@ -233,15 +246,16 @@ class FactorizeMatMul:
             raise OnnxlrError(f"no factorizable MatMul/Gemm layer or weight named {unknown[0]!r}")
 
         weight_stats = self._weight_stats(layers)
-        spectra: dict[tuple[str, bool], np.ndarray] = {}
+        self._eigs: dict = {}
+        decompositions: dict[tuple[str, bool], tuple] = {}
         factors: dict[tuple[str, bool, int], tuple] = {}
         # disable=None: a progress bar on a terminal only, silent in logs and tests
         for layer in tqdm(layers, desc="factorize", unit="layer", disable=None, leave=False):
             key = (layer.weight.name, layer.transposed)
             st = weight_stats.get(key)
-            if key not in spectra:
-                spectra[key] = self._spectrum(layer.W, st)
-            spectrum = spectra[key]
+            if key not in decompositions:
+                decompositions[key] = self._decompose(layer.W, st)
+            spectrum, make_factors = decompositions[key]
             k, n = layer.W.shape
             rank = self.choose_rank(layer, spectrum)
             details = {
@@ -268,7 +282,7 @@ class FactorizeMatMul:
                 continue
             fkey = key + (rank,)
             if fkey not in factors:
-                A, B = self._factors(layer.W, st, rank)
+                A, B = make_factors(rank)
                 delta = (linalg.bias_correction(layer.W, A, B, st.mean)
                          if st is not None and self.config.bias_correction else None)
                 factors[fkey] = (*self._constants(graph, layer, A, B), delta, _errors(layer.W, A, B, st, delta))
@@ -310,8 +324,8 @@ def _errors(W, A, B, st: TensorStats | None, delta) -> dict[str, float]:
     out = {"weight_error": float(np.linalg.norm(M) / max(np.linalg.norm(W), 1e-300))}
     if st is not None:
         gram = st.centered_gram if delta is not None else st.gram
-        num = float(np.einsum("ij,ik,kj->", M, gram, M))
-        den = float(np.einsum("ij,ik,kj->", W, st.gram, W))
+        num = float(np.sum(M * (gram @ M)))
+        den = float(np.sum(W * (st.gram @ W)))
         out["calib_error"] = float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
     return out
 

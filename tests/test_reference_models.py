@@ -66,3 +66,32 @@ def test_demo_builds_optimizes_and_reports(cache, minilm_path, text_paths, capsy
     text = capsys.readouterr().out
     assert "pass factorize_matmul" in text and "CPUExecutionProvider" in text
     onnx.checker.check_model(str(cache / "minilm.small.onnx"))
+
+
+def test_minilm_whitened_beats_plain_svd_at_a_ten_percent_reduction(minilm_path, text_paths, eval_feeds):
+    import math
+
+    from onnxlr.api import calibration_stats
+    from onnxlr.io import load_model
+    from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig
+    from onnxlr.pipeline import PassManager
+
+    model = load_model(minilm_path)
+    stats = calibration_stats(model, text_paths[0])
+    feeds = {k: v[:128] for k, v in eval_feeds.items()}
+    reference = minilm.embed(model, feeds)
+    ranks = {}
+    for name, (k, n) in (("query", (384, 384)), ("key", (384, 384)), ("value", (384, 384)),
+                         ("attention/output/dense", (384, 384)), ("intermediate/dense", (384, 1536)),
+                         ("output/dense", (1536, 384))):
+        for layer in range(6):
+            node = (f"/encoder/encoder/layer.{layer}/attention/self/{name}/MatMul" if name in ("query", "key", "value")
+                    else f"/encoder/encoder/layer.{layer}/{name}/MatMul")
+            ranks[node] = math.floor(0.9 * k * n / (k + n))
+    cosine = {}
+    for method in ("svd", "whitened"):
+        candidate = PassManager([FactorizeMatMul(FactorizeMatMulConfig(method=method, ranks=ranks),
+                                                 None if method == "svd" else stats)]).run(model)[0]
+        cosine[method] = metrics.cosine_rows(reference, minilm.embed(candidate, feeds)).mean()
+    assert cosine["whitened"] > cosine["svd"] + 0.1
+    assert cosine["whitened"] > 0.94  # regression floor; the 0.97 goal of issue #3 is not met yet
