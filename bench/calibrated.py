@@ -66,7 +66,7 @@ def variants(model, stats):
 def bench_minilm(cache: Path) -> list[str]:
     model = load_model(minilm.build(cache))
     calib_npz, eval_npz = text.build_splits(cache)
-    stats = calibration_stats(model, calib_npz)
+    stats, _ = calibration_stats(model, calib_npz)
     feeds = text.load(eval_npz)
     reference = minilm.embed(model, feeds)
     rows = ["| level (MatMul params removed) | method | params | cosine mean (min) | top-10 overlap |",
@@ -81,7 +81,7 @@ def bench_minilm(cache: Path) -> list[str]:
 
 def bench_mnist(cache: Path) -> list[str]:
     model = load_model(mnist.build(cache))
-    stats = calibration_stats(model, cache / mnist.CALIB_FILE)
+    stats, _ = calibration_stats(model, cache / mnist.CALIB_FILE)
     images, labels = mnist.load_test(cache)
     run = lambda m: make_session(m.SerializeToString(), "CPUExecutionProvider", 2).run(None, {"image": images})[0]  # noqa: E731
     reference = run(model)

@@ -13,6 +13,7 @@ from onnxlr import io, linalg
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import import_graph
 from onnxlr.calibration import calibration_batches, find_mask_input
+from onnxlr.passes.factorize_embedding import FactorizeEmbedding, FactorizeEmbeddingConfig, find_tables
 from onnxlr.passes.factorize_matmul import DATA_AWARE, FactorizeMatMul, FactorizeMatMulConfig, find_layers
 from onnxlr.pipeline import PassManager
 from onnxlr.report import ModelSummary, Report
@@ -77,16 +78,22 @@ def _validate(original: onnx.ModelProto, optimized: onnx.ModelProto, *, provider
 
 
 def calibration_stats(model: onnx.ModelProto, calib: CalibLike, *, samples: int | None = None,
-                      batch_size: int = 8, mask: str | None = None, threads: int | None = None):
-    """Activation statistics (Gram, mean, mean |x|) of every factorizable layer's input."""
-    layers, _ = find_layers(import_graph(model))
+                      batch_size: int = 8, mask: str | None = None, threads: int | None = None,
+                      embeddings: bool = False):
+    """Activation statistics of every factorizable layer's input, in one streaming ORT run.
+
+    Returns ``(stats, counts)``: ``stats[input tensor] -> TensorStats`` (Gram, mean, mean |x|) and,
+    with ``embeddings``, ``counts[indices tensor] -> (V,)`` lookups of each embedding-table row.
+    """
+    graph = import_graph(model)
+    layers, _ = find_layers(graph)
     tensors = sorted({layer.node.inputs[0].name for layer in layers})
-    mask_input = find_mask_input(model, mask)
-    if not tensors:
-        return {}
+    tables = {t.indices.name: np.asarray(t.table.values).shape[0] for t in find_tables(graph)[0]} if embeddings else {}
+    if not tensors and not tables:
+        return {}, {}
     batches = lambda: calibration_batches(calib, model, samples=samples, batch_size=batch_size)  # noqa: E731
-    stats, _ = collect_stats(model, tensors, batches, mask_input=mask_input, threads=threads or default_threads())
-    return stats
+    return collect_stats(model, tensors, batches, mask_input=find_mask_input(model, mask),
+                         threads=threads or default_threads(), counts=tables)
 
 
 def optimize(
@@ -101,6 +108,7 @@ def optimize(
     force: bool = False,
     refit: bool = True,
     bias_correction: bool = True,
+    embeddings: bool = False,
     providers: str | Sequence[str] = ("cpu",),
     inputs: InputsLike = None,
     dims: Mapping[str, int] | None = None,
@@ -127,6 +135,8 @@ def optimize(
     force : rewrite layers even when their rank would not save parameters.
     refit, bias_correction : data-aware methods refit the output factor to the layer's true output
         and fold the mean output error into the bias; switch off for ablations.
+    embeddings : also factorize embedding tables (Gather on a constant [vocab, d] table) under the
+        same rank rule, weighted by token frequency in ``calib`` when given.
     providers : execution providers to validate on (``"cpu,cuda"`` or a list).
     inputs : sample inputs: .npz path or dict keyed by input name; None for synthetic ones.
     dims : values of symbolic input dimensions for synthetic inputs.
@@ -144,17 +154,27 @@ def optimize(
     if rank_ratio is None and energy is None and not ranks:
         rank_ratio = DEFAULT_RANK_RATIO
     method = method or ("whitened" if calib is not None else "svd")
-    config = FactorizeMatMulConfig(method=method, rank_ratio=rank_ratio, energy=energy,
-                                   ranks=dict(ranks or {}), force=force, refit=refit,
-                                   bias_correction=bias_correction)
+    ranks = dict(ranks or {})
+    table_ranks = {}
+    if embeddings:  # per-layer ranks naming an embedding table go to the embedding pass
+        names = {n for t in find_tables(import_graph(original))[0] for n in (t.node.name, t.table.name)}
+        table_ranks = {k: v for k, v in ranks.items() if k in names}
+        ranks = {k: v for k, v in ranks.items() if k not in names}
+    config = FactorizeMatMulConfig(method=method, rank_ratio=rank_ratio, energy=energy, ranks=ranks,
+                                   force=force, refit=refit, bias_correction=bias_correction)
     tolerance = parse_tolerance(max_error)
     parse_providers(providers)  # fail on an unknown provider before the slow part
     if method in DATA_AWARE and calib is None:
         raise OnnxlrError(f"method {method!r} needs calibration data (--calib)")
-    stats = None
+    stats, counts = None, {}
     if calib is not None:
-        stats = calibration_stats(original, calib, samples=calib_samples, batch_size=batch_size, threads=threads)
-    optimized, records = PassManager([FactorizeMatMul(config, stats)]).run(original)
+        stats, counts = calibration_stats(original, calib, samples=calib_samples, batch_size=batch_size,
+                                          threads=threads, embeddings=embeddings)
+    passes = [FactorizeMatMul(config, stats)]
+    if embeddings:
+        passes.append(FactorizeEmbedding(FactorizeEmbeddingConfig(
+            rank_ratio=rank_ratio, energy=energy, ranks=table_ranks, force=force), counts))
+    optimized, records = PassManager(passes).run(original)
     try:
         io.check_model(optimized)
     except Exception as exc:  # a broken rewrite is a bug in onnxlr, not a user error

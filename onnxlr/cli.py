@@ -74,6 +74,9 @@ def _add_rank_options(p: argparse.ArgumentParser) -> None:
                       help="keep the smallest rank holding share E of each layer's squared spectrum")
     p.add_argument("--rank", action="append", metavar="LAYER=R",
                    help="rank for one layer (node or weight name); repeatable; overrides the rule")
+    p.add_argument("--embeddings", action="store_true",
+                   help="also factorize embedding tables (Gather on a constant table), weighted by "
+                        "token frequency in --calib")
     p.add_argument("--force", action="store_true",
                    help="factorize even when the rank would not save parameters")
 
@@ -149,7 +152,7 @@ def cmd_optimize(args) -> int:
     optimized, report = api.optimize(
         args.model, calib=args.calib, calib_samples=args.calib_samples, method=args.method,
         rank_ratio=args.rank_ratio, energy=args.energy, ranks=_parse_ranks(args.rank),
-        force=args.force, validate=not args.no_validate, **_validation_kwargs(args))
+        force=args.force, embeddings=args.embeddings, validate=not args.no_validate, **_validation_kwargs(args))
     if report.passed is False:
         _emit(report, args)
         print(f"onnxlr: result fails the tolerance ({report.tolerance}); {args.output} not written",
@@ -202,7 +205,7 @@ def cmd_demo(args) -> int:
     optimized, report = api.optimize(
         model_path, calib=args.calib or calib_npz, calib_samples=args.calib_samples, method=args.method,
         rank_ratio=args.rank_ratio, energy=args.energy, ranks=_parse_ranks(args.rank),
-        force=args.force, providers=args.providers, inputs=eval_npz)
+        force=args.force, embeddings=args.embeddings, providers=args.providers, inputs=eval_npz)
     api.write(optimized, output, source=model_path)
     report.optimized.path = str(output)
     print(report.format())

@@ -555,6 +555,7 @@ def isvt(
     max_iter: int = 50,
     tol: float = 1e-6,
     rel_eps: float = 1e-6,
+    eig: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Iterative singular-value thresholding under a soft rank constraint (Shumaylov et al. 2025).
 
@@ -587,6 +588,7 @@ def isvt(
     ----------
     W : ndarray of shape (k, n), G : ndarray of shape (k, k), rank : int in [1, min(k, n)]
     max_iter : int >= 1, tol : float > 0, rel_eps : eigenvalue clamp of the whitening
+    eig : ``clamped_eigh(G)`` if already computed (it is the O(k^3) part)
 
     Returns
     -------
@@ -603,7 +605,7 @@ def isvt(
         raise ValueError(f"max_iter must be a positive integer, got {max_iter}")
     if not tol > 0.0:
         raise ValueError(f"tol must be positive, got {tol}")
-    lam, Q = _clamped_eigh(G, rel_eps)
+    lam, Q = eig if eig is not None else _clamped_eigh(G, rel_eps)
     root = np.sqrt(lam)
     U, s, Vt = svd(root[:, None] * (Q.T @ W))
     scale = float(np.sum(s**2))

@@ -218,7 +218,7 @@ class FactorizeMatMul:
             whitened = linalg.WhitenedSVD.fit(W, (lam, Q))
             return whitened.s, whitened.factors
         if method == "isvt":
-            return linalg.WhitenedSVD.fit(W, (lam, Q)).s, lambda r: linalg.isvt(W, gram, r)[:2]
+            return linalg.WhitenedSVD.fit(W, (lam, Q)).s, lambda r: linalg.isvt(W, gram, r, eig=(lam, Q))[:2]
         U, s, Vt = linalg.svd(W)
         if method == "asvd":
             factors = lambda r: linalg.asvd(W, st.mean_abs, r)  # noqa: E731

@@ -77,7 +77,7 @@ def test_minilm_whitened_beats_plain_svd_at_a_ten_percent_reduction(minilm_path,
     from onnxlr.pipeline import PassManager
 
     model = load_model(minilm_path)
-    stats = calibration_stats(model, text_paths[0])
+    stats, _ = calibration_stats(model, text_paths[0])
     feeds = {k: v[:128] for k, v in eval_feeds.items()}
     reference = minilm.embed(model, feeds)
     ranks = {}
