@@ -20,6 +20,7 @@ from onnxlr.report import ModelSummary, Report
 from onnxlr.runtimes import feeds as feeds_mod
 from onnxlr.runtimes.compare import TOLERANCE_METRICS, Tolerance
 from onnxlr.runtimes.providers import default_threads, parse_providers
+from onnxlr.runtimes.sensitivity import output_sensitivity
 from onnxlr.runtimes.stats import collect_stats
 from onnxlr.runtimes.validate import validate_models
 
@@ -96,6 +97,25 @@ def calibration_stats(model: onnx.ModelProto, calib: CalibLike, *, samples: int 
                          threads=threads or default_threads(), counts=tables)
 
 
+# Output sensitivities cost 1 + 2*probes runs per batch: measure them on a bounded subset.
+SENSITIVITY_SAMPLES = 64
+SENSITIVITY_PROBES = 32
+
+
+def output_sensitivities(model: onnx.ModelProto, calib: CalibLike, *, samples: int = SENSITIVITY_SAMPLES,
+                         batch_size: int = 8, mask: str | None = None, threads: int | None = None,
+                         probes: int = SENSITIVITY_PROBES) -> dict[str, np.ndarray]:
+    """Per factorizable layer output tensor, each unit's effect on the model output (n,), measured
+    with forward Jacobian-vector probes in ONNX Runtime (:mod:`onnxlr.runtimes.sensitivity`)."""
+    layers, _ = find_layers(import_graph(model))
+    tensors = sorted({layer.node.outputs[0].name for layer in layers})
+    if not tensors:
+        return {}
+    batches = lambda: calibration_batches(calib, model, samples=samples, batch_size=batch_size)  # noqa: E731
+    return output_sensitivity(model, tensors, batches, probes=probes, mask_input=find_mask_input(model, mask),
+                              threads=threads or default_threads())
+
+
 def optimize(
     model: ModelLike,
     *,
@@ -126,8 +146,9 @@ def optimize(
     calib : calibration samples: .npz keyed by input name, a folder of .npz/.npy files, or an
         iterable of feed dicts. Data-aware methods fit each layer's output on them.
     calib_samples : use at most this many calibration samples.
-    method : ``svd``, ``whitened``, ``asvd`` or ``isvt``; default ``whitened`` with ``calib``,
-        ``svd`` without.
+    method : ``svd``, ``whitened``, ``fisher``, ``asvd`` or ``isvt``; default ``whitened`` with
+        ``calib``, ``svd`` without. ``fisher`` also measures each layer's output sensitivity on up to
+        ``SENSITIVITY_SAMPLES`` calibration samples.
     rank_ratio : keep ``ceil(rank_ratio * min(k, n))`` singular values of each (k, n) weight.
     energy : keep the smallest rank holding this share of each weight's squared spectrum.
         With neither, ``rank_ratio=DEFAULT_RANK_RATIO``.
@@ -166,11 +187,15 @@ def optimize(
     parse_providers(providers)  # fail on an unknown provider before the slow part
     if method in DATA_AWARE and calib is None:
         raise OnnxlrError(f"method {method!r} needs calibration data (--calib)")
-    stats, counts = None, {}
+    stats, counts, sensitivity = None, {}, None
     if calib is not None:
         stats, counts = calibration_stats(original, calib, samples=calib_samples, batch_size=batch_size,
                                           threads=threads, embeddings=embeddings)
-    passes = [FactorizeMatMul(config, stats)]
+    if method == "fisher":
+        sensitivity = output_sensitivities(original, calib, samples=min(calib_samples or SENSITIVITY_SAMPLES,
+                                                                        SENSITIVITY_SAMPLES),
+                                           batch_size=batch_size, threads=threads)
+    passes = [FactorizeMatMul(config, stats, sensitivity)]
     if embeddings:
         passes.append(FactorizeEmbedding(FactorizeEmbeddingConfig(
             rank_ratio=rank_ratio, energy=energy, ranks=table_ranks, force=force), counts))

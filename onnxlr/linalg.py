@@ -265,21 +265,33 @@ class WhitenedSVD:
     Q: np.ndarray
     root: np.ndarray  # sqrt of the clamped eigenvalues
 
+    col_weights: np.ndarray | None = None  # output-side weights D, if any
+
     @classmethod
-    def fit(cls, W: np.ndarray, eig: tuple[np.ndarray, np.ndarray]) -> "WhitenedSVD":
-        """``W`` of shape (k, n); ``eig = (lam, Q)`` from ``clamped_eigh`` of the (k, k) Gram."""
+    def fit(cls, W: np.ndarray, eig: tuple[np.ndarray, np.ndarray],
+            col_weights: np.ndarray | None = None) -> "WhitenedSVD":
+        """``W`` of shape (k, n); ``eig = (lam, Q)`` from ``clamped_eigh`` of the (k, k) Gram.
+
+        ``col_weights`` (n,) weight the output units: the objective becomes ``||X (W - A B) D||_F``
+        with ``D = diag(col_weights)``, e.g. the square root of each unit's output sensitivity
+        (a diagonal Fisher of the model output with respect to this layer's output, FWSVD-style),
+        so errors are measured in their effect on the model output, not on the layer output.
+        """
         W = _as_matrix(W)
         lam, Q = eig
         root = np.sqrt(lam)
-        U, s, Vt = svd(root[:, None] * (Q.T @ W))
-        return cls(U, s, Vt, Q, root)
+        d = None if col_weights is None else _guard_weights(col_weights, W.shape[1], "col_weights")
+        T = root[:, None] * (Q.T @ W)
+        U, s, Vt = svd(T if d is None else T * d)
+        return cls(U, s, Vt, Q, root, d)
 
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """``A`` (k, rank) and ``B`` (rank, n) with ``A = S^{-T} U_r Σ_r^{1/2}``, ``B = Σ_r^{1/2} V_r^T``."""
         rank = _check_rank(rank, self.s.size)
         half = np.sqrt(self.s[:rank])
         A = self.Q @ ((self.U[:, :rank] * half) / self.root[:, None])
-        return A, half[:, None] * self.Vt[:rank]
+        B = half[:, None] * self.Vt[:rank]
+        return A, B if self.col_weights is None else B / self.col_weights
 
 
 def whitened_svd(W: np.ndarray, G: np.ndarray, rank: int, *, rel_eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:

@@ -22,6 +22,9 @@ Data-aware methods (``method``; need calibration statistics of the layer input X
 - ``svd``: plain truncated SVD of W (data-free).
 - ``whitened``: minimises the output error ``||X (W - A B)||_F`` in closed form (SVD-LLM); with the
   centered Gram and the bias correction below it is the optimal affine rank-r map.
+- ``fisher``: whitened, with each output unit weighted by the square root of its measured effect on
+  the model output (a diagonal Fisher / output-divergence metric, FWSVD and Shumaylov et al.):
+  minimises ``||X (W - A B) D||_F``, so the rank is spent where the model output notices it.
 - ``asvd``: SVD of ``diag(mean|x|^0.5) W`` (ASVD), then refit.
 - ``isvt``: iterative singular-value thresholding on the calibrated objective (Shumaylov et al.).
 
@@ -54,8 +57,8 @@ from onnxlr.pipeline import LayerChange, PassRecord, config_dict
 from onnxlr.runtimes.stats import TensorStats
 
 FACTORIZABLE_OPS = ("MatMul", "Gemm")
-METHODS = ("svd", "whitened", "asvd", "isvt")
-DATA_AWARE = ("whitened", "asvd", "isvt")
+METHODS = ("svd", "whitened", "fisher", "asvd", "isvt")
+DATA_AWARE = ("whitened", "fisher", "asvd", "isvt")
 
 
 @dataclass
@@ -163,16 +166,22 @@ class FactorizeMatMul:
     """Low-rank factorization of MatMul/Gemm layers with constant weights.
 
     stats : calibration statistics keyed by input tensor name (required by data-aware methods).
+    sensitivity : per layer-output tensor name, each output unit's measured effect on the model
+        output (n,) (``runtimes.sensitivity``); required by ``fisher``.
     """
 
     name = "factorize_matmul"
 
     def __init__(self, config: FactorizeMatMulConfig | None = None,
-                 stats: Mapping[str, TensorStats] | None = None):
+                 stats: Mapping[str, TensorStats] | None = None,
+                 sensitivity: Mapping[str, np.ndarray] | None = None):
         self.config = config or FactorizeMatMulConfig()
         if self.config.method in DATA_AWARE and stats is None:
             raise OnnxlrError(f"method {self.config.method!r} needs calibration data (--calib)")
+        if self.config.method == "fisher" and sensitivity is None:
+            raise OnnxlrError("method 'fisher' needs output sensitivities (from calibration data)")
         self.stats = stats
+        self.sensitivity = sensitivity or {}
 
     def choose_rank(self, layer: Layer, spectrum: np.ndarray) -> int | None:
         """The rank for ``layer`` under the config, or None if no rule applies."""
@@ -199,7 +208,13 @@ class FactorizeMatMul:
             merged[key] = found if key not in merged else merged[key].merged(found)
         return merged
 
-    def _decompose(self, W: np.ndarray, st: TensorStats | None):
+    def _weight_sensitivity(self, layers: list[Layer], key: tuple[str, bool]) -> np.ndarray | None:
+        """Summed output sensitivity of every layer computing with this weight (None if unmeasured)."""
+        found = [self.sensitivity[layer.node.outputs[0].name] for layer in layers
+                 if (layer.weight.name, layer.transposed) == key and layer.node.outputs[0].name in self.sensitivity]
+        return np.sum(found, axis=0) if found else None
+
+    def _decompose(self, W: np.ndarray, st: TensorStats | None, sensitivity: np.ndarray | None = None):
         """``(spectrum, factors)`` for one weight: the spectrum the method truncates (which the
         energy rule reads) and a function ``rank -> (A, B)``. The expensive parts — the eigen-
         decomposition of the Gram (shared by every layer reading the same input) and one SVD per
@@ -214,8 +229,9 @@ class FactorizeMatMul:
         if key not in self._eigs:
             self._eigs[key] = linalg.clamped_eigh(gram)
         lam, Q = self._eigs[key]
-        if method == "whitened":
-            whitened = linalg.WhitenedSVD.fit(W, (lam, Q))
+        if method in ("whitened", "fisher"):
+            weights = np.sqrt(sensitivity) if method == "fisher" and sensitivity is not None else None
+            whitened = linalg.WhitenedSVD.fit(W, (lam, Q), col_weights=weights)
             return whitened.s, whitened.factors
         if method == "isvt":
             return linalg.WhitenedSVD.fit(W, (lam, Q)).s, lambda r: linalg.isvt(W, gram, r, eig=(lam, Q))[:2]
@@ -253,8 +269,9 @@ class FactorizeMatMul:
         for layer in tqdm(layers, desc="factorize", unit="layer", disable=None, leave=False):
             key = (layer.weight.name, layer.transposed)
             st = weight_stats.get(key)
+            sensitivity = self._weight_sensitivity(layers, key)
             if key not in decompositions:
-                decompositions[key] = self._decompose(layer.W, st)
+                decompositions[key] = self._decompose(layer.W, st, sensitivity)
             spectrum, make_factors = decompositions[key]
             k, n = layer.W.shape
             rank = self.choose_rank(layer, spectrum)
@@ -263,7 +280,7 @@ class FactorizeMatMul:
                 "shape": [k, n],
                 "params": k * n,
                 "break_even_rank": round(linalg.break_even_rank(k, n), 1),
-                "method": self.config.method if st is not None else "svd",
+                "method": _method_used(self.config.method, st, sensitivity),
             }
             if rank is None:
                 record.layers.append(LayerChange(layer.node.name, layer.node.op, "skipped",
@@ -315,6 +332,15 @@ class FactorizeMatMul:
         node.inputs[0] = hidden
         node.inputs[1] = B
         graph.nodes.append(first)
+
+
+def _method_used(method: str, st: TensorStats | None, sensitivity: np.ndarray | None) -> str:
+    """What a layer really got: without statistics plain SVD, without sensitivities no Fisher weights."""
+    if st is None:
+        return "svd"
+    if method == "fisher" and sensitivity is None:
+        return "whitened"
+    return method
 
 
 def _errors(W, A, B, st: TensorStats | None, delta) -> dict[str, float]:

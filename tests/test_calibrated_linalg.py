@@ -340,3 +340,25 @@ def test_validation_errors():
     with pytest.raises(ValueError):
         linalg.bias_correction(W, np.ones((4, 2)), np.ones((1, 3)), np.zeros(4))
     assert linalg.calibration_error(W, np.zeros((4, 1)), np.zeros((1, 3)), np.zeros((4, 4))) == 0.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), data=st.data())
+def test_output_weighted_whitened_svd_is_exact_at_full_rank_and_optimal(seed, data):
+    rng = np.random.default_rng(seed)
+    k, n = data.draw(st.integers(2, 10)), data.draw(st.integers(2, 10))
+    X = rng.standard_normal((40, k)) @ rng.standard_normal((k, k))
+    W = rng.standard_normal((k, n))
+    d = rng.random(n) + 0.1
+    G = X.T @ X
+    fit = linalg.WhitenedSVD.fit(W, linalg.clamped_eigh(G), col_weights=d)
+    A, B = fit.factors(min(k, n))
+    np.testing.assert_allclose(A @ B, W, atol=1e-6 * np.abs(W).max())
+    r = data.draw(st.integers(1, min(k, n)))
+    A, B = fit.factors(r)
+    weighted = np.linalg.norm(X @ (W - A @ B) * d)
+    # optimal: equals the discarded tail of the weighted calibrated spectrum ...
+    assert weighted == pytest.approx(np.sqrt(np.sum(fit.s[r:] ** 2)), rel=1e-5, abs=1e-8)
+    # ... and no worse than the unweighted whitened factors measured the same way
+    A0, B0 = linalg.whitened_svd(W, G, r)
+    assert weighted <= np.linalg.norm(X @ (W - A0 @ B0) * d) * (1 + 1e-6) + 1e-9

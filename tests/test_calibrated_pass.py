@@ -20,7 +20,7 @@ def run(model, x):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
-@pytest.mark.parametrize("method", ["svd", "whitened", "asvd", "isvt"])
+@pytest.mark.parametrize("method", ["svd", "whitened", "fisher", "asvd", "isvt"])
 def test_every_method_is_exact_at_full_rank(mlp_proto, method):
     calib = [{"x": correlated_inputs(64, seed=1)}]
     optimized, report = onnxlr.optimize(mlp_proto, calib=calib, method=method, rank_ratio=1.0, force=True,
