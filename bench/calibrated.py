@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 import onnxlr
-from onnxlr.api import calibration_stats
+from onnxlr.api import SENSITIVITY_PROBES, SENSITIVITY_SAMPLES, calibration_stats, output_sensitivities
 from onnxlr.graph import count_parameters, import_graph
 from onnxlr.io import load_model
 from onnxlr.models import metrics, minilm, mnist, text
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from plain_svd import write_section  # noqa: E402
 
 LEVELS = (0.10, 0.25, 0.50)
-METHODS = ("svd", "asvd", "whitened", "isvt")
+METHODS = ("svd", "asvd", "whitened", "fisher", "isvt")
 MARK = "calibrated"
 
 
@@ -52,26 +52,38 @@ def level_ranks(model, level: float) -> dict[str, int]:
     return ranks
 
 
-def variants(model, stats):
+def variants(model, stats, sensitivity):
     """(method, level) -> optimized ModelProto, all from the same statistics."""
     out = {}
     for level in LEVELS:
         ranks = level_ranks(model, level)
         for method in METHODS:
             config = FactorizeMatMulConfig(method=method, ranks=ranks)
-            out[method, level] = PassManager([FactorizeMatMul(config, None if method == "svd" else stats)]).run(model)[0]
+            fitted = FactorizeMatMul(config, None if method == "svd" else stats, sensitivity)
+            out[method, level] = PassManager([fitted]).run(model)[0]
     return out
+
+
+SENSITIVITY_SECONDS: dict[str, float] = {}
+
+
+def sensitivities(name, model, calib):
+    start = time.perf_counter()
+    found = output_sensitivities(model, calib)
+    SENSITIVITY_SECONDS[name] = time.perf_counter() - start
+    return found
 
 
 def bench_minilm(cache: Path) -> list[str]:
     model = load_model(minilm.build(cache))
     calib_npz, eval_npz = text.build_splits(cache)
     stats, _ = calibration_stats(model, calib_npz)
+    sensitivity = sensitivities("MiniLM", model, calib_npz)
     feeds = text.load(eval_npz)
     reference = minilm.embed(model, feeds)
     rows = ["| level (MatMul params removed) | method | params | cosine mean (min) | top-10 overlap |",
             "|---|---|---|---|---|"]
-    for (method, level), candidate in variants(model, stats).items():
+    for (method, level), candidate in variants(model, stats, sensitivity).items():
         emb = minilm.embed(candidate, feeds)
         cos = metrics.cosine_rows(reference, emb)
         rows.append(f"| {level:.0%} | {method} | {count_parameters(candidate):,} | "
@@ -82,12 +94,13 @@ def bench_minilm(cache: Path) -> list[str]:
 def bench_mnist(cache: Path) -> list[str]:
     model = load_model(mnist.build(cache))
     stats, _ = calibration_stats(model, cache / mnist.CALIB_FILE)
+    sensitivity = sensitivities("LeNet", model, cache / mnist.CALIB_FILE)
     images, labels = mnist.load_test(cache)
     run = lambda m: make_session(m.SerializeToString(), "CPUExecutionProvider", 2).run(None, {"image": images})[0]  # noqa: E731
     reference = run(model)
     rows = [f"Original accuracy: {metrics.accuracy(reference, labels):.3f}.", "",
             "| level (Gemm params removed) | method | accuracy | top-1 agreement |", "|---|---|---|---|"]
-    for (method, level), candidate in variants(model, stats).items():
+    for (method, level), candidate in variants(model, stats, sensitivity).items():
         logits = run(candidate)
         rows.append(f"| {level:.0%} | {method} | {metrics.accuracy(logits, labels):.3f} | "
                     f"{metrics.top1_agreement(reference, logits):.3f} |")
@@ -130,6 +143,10 @@ def section(cache: Path) -> str:
         "",
         f"Wall time {timing['seconds']:.1f} s, peak RSS {timing['peak_rss_mb']:.0f} MB for the whole process "
         "(Python, onnxruntime, the 90 MB model and its copies included).",
+        "",
+        f"`fisher` additionally measures output sensitivities with {SENSITIVITY_PROBES} antithetic "
+        f"forward-probe pairs on {SENSITIVITY_SAMPLES} calibration samples: "
+        + ", ".join(f"{name} {sec:.0f} s" for name, sec in SENSITIVITY_SECONDS.items()) + ".",
         f"<!-- {MARK}:end -->",
     ]
     return "\n".join(lines)

@@ -230,7 +230,11 @@ class FactorizeMatMul:
             self._eigs[key] = linalg.clamped_eigh(gram)
         lam, Q = self._eigs[key]
         if method in ("whitened", "fisher"):
-            weights = np.sqrt(sensitivity) if method == "fisher" and sensitivity is not None else None
+            weights = None
+            if method == "fisher" and sensitivity is not None:
+                # Damped Fisher (d + mean d): the forward-probe estimate is noisy in absolute terms, and
+                # an undamped near-zero estimate would let a unit's output be discarded outright.
+                weights = np.sqrt(sensitivity + sensitivity.mean())
             whitened = linalg.WhitenedSVD.fit(W, (lam, Q), col_weights=weights)
             return whitened.s, whitened.factors
         if method == "isvt":
