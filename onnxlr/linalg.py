@@ -103,6 +103,16 @@ def rank_for_energy(s: np.ndarray, energy: float) -> int:
     return int(np.searchsorted(kept, energy - 1e-12) + 1)
 
 
+def rank_from_rule(k: int, n: int, spectrum: np.ndarray, *, rank_ratio: float | None = None,
+                   energy: float | None = None) -> int | None:
+    """The rank an energy share or a rank ratio gives a ``(k, n)`` weight; None when neither is set."""
+    if energy is not None:
+        return rank_for_energy(spectrum, energy)
+    if rank_ratio is not None:
+        return rank_for_ratio(k, n, rank_ratio)
+    return None
+
+
 def relative_error_at_rank(s: np.ndarray, rank: int) -> float:
     """Relative Frobenius error ``||W - A B|| / ||W||`` of the best rank-``rank`` approximation."""
     sq = np.asarray(s, dtype=np.float64) ** 2
@@ -361,15 +371,13 @@ def asvd(W: np.ndarray, mean_abs: np.ndarray, rank: int, *, alpha: float = 0.5) 
     A : ndarray of shape (k, rank), B : ndarray of shape (rank, n).
     """
     W = _as_matrix(W)
-    k, n = W.shape
-    rank = _check_rank(rank, min(k, n))
-    mean_abs = _as_vector(mean_abs, k, "mean_abs")
+    mean_abs = _as_vector(mean_abs, W.shape[0], "mean_abs")
     if np.any(mean_abs < 0):
         raise ValueError("mean_abs must be non-negative")
     if not alpha >= 0.0 or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a non-negative finite number, got {alpha}")
-    s = _guard_weights(mean_abs**alpha, k, "mean_abs ** alpha")
-    return _weighted_svd(W, rank, s, np.ones(n))
+    # ASVD is the row-weighted SVD with weights mean|x|^alpha.
+    return fisher_svd(W, rank, row_weights=mean_abs**alpha)
 
 
 def fisher_svd(

@@ -126,11 +126,7 @@ class FactorizeEmbedding:
                 if rank > min(V, d):
                     raise OnnxlrError(f"rank {rank} for table {key!r} exceeds min(V, d) = {min(V, d)}")
                 return rank
-        if self.config.energy is not None:
-            return linalg.rank_for_energy(s, self.config.energy)
-        if self.config.rank_ratio is not None:
-            return linalg.rank_for_ratio(V, d, self.config.rank_ratio)
-        return None
+        return linalg.rank_from_rule(V, d, s, rank_ratio=self.config.rank_ratio, energy=self.config.energy)
 
     @staticmethod
     def _rewrite(graph: gs.Graph, t: Table, A: np.ndarray, B: np.ndarray) -> None:

@@ -189,11 +189,7 @@ class FactorizeMatMul:
         for key in (layer.node.name, layer.weight.name):
             if key in self.config.ranks:
                 return int(self.config.ranks[key])
-        if self.config.energy is not None:
-            return linalg.rank_for_energy(spectrum, self.config.energy)
-        if self.config.rank_ratio is not None:
-            return linalg.rank_for_ratio(k, n, self.config.rank_ratio)
-        return None
+        return linalg.rank_from_rule(k, n, spectrum, rank_ratio=self.config.rank_ratio, energy=self.config.energy)
 
     def _weight_stats(self, layers: list[Layer]) -> dict[tuple[str, bool], TensorStats]:
         """Statistics per weight: a weight read by several layers is fitted to all their inputs."""
