@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -188,6 +188,8 @@ def optimize(
     if method in DATA_AWARE and calib is None:
         raise OnnxlrError(f"method {method!r} needs calibration data (--calib)")
     stats, counts, sensitivity = None, {}, None
+    if method == "fisher" and isinstance(calib, Iterator):
+        calib = list(calib)  # read twice (statistics, then sensitivities): a one-shot iterator is kept
     if calib is not None:
         stats, counts = calibration_stats(original, calib, samples=calib_samples, batch_size=batch_size,
                                           threads=threads, embeddings=embeddings)

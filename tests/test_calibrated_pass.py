@@ -111,3 +111,10 @@ def test_cli_calibrated_optimize_and_its_errors(mlp_path, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and needle in err[0], (extra, err)
         assert not target.exists()
+
+
+def test_fisher_accepts_a_one_shot_generator_of_batches(mlp_proto):
+    batches = ({"x": correlated_inputs(16, seed=s)} for s in range(3))
+    _, report = onnxlr.optimize(mlp_proto, calib=batches, method="fisher", ranks={"fc1": 4, "fc2": 4},
+                                validate=False)
+    assert {c.details["method"] for c in report.passes[0].rewritten} == {"fisher"}
