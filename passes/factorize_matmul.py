@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from onnxlr import linalg
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import unique_name
+from onnxlr.graph import consumer_counts, unique_name
 from onnxlr.pipeline import LayerChange, PassRecord, config_dict
 from onnxlr.runtimes.stats import TensorStats
 
@@ -360,10 +360,7 @@ def _add_bias(graph: gs.Graph, layer: Layer, delta: np.ndarray) -> None:
     """Add ``delta`` (n,) to the layer's output: into a constant bias only this layer reads, else
     through a new Add node."""
     node = layer.node
-    readers = defaultdict(int)
-    for other in graph.nodes:
-        for tensor in other.inputs:
-            readers[tensor.name] += 1
+    readers = consumer_counts(graph)
     if node.op == "Gemm":
         beta = float(node.attrs.get("beta", 1.0))
         C = node.inputs[2] if len(node.inputs) > 2 else None
