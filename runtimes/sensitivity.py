@@ -78,9 +78,11 @@ estimated spread across units there is only ~20 % of the mean, hence the modest 
 Like any random-probe estimate, the noise is absolute (a fraction of the overall scale, growing with
 the number of elements — or units, for "shared" — of *all* tensors probed together), so small units
 are known relatively less precisely than large ones, and precision grows with probes and batches.
-Probing many large tensors at once with few probes gives noise, not ranking: every MatMul of MiniLM
-together, 4 batches × 32 probes, seeds correlate at ~0. Spend probes (or group fewer tensors per
-call) accordingly.
+Probing many tensors at once with few probes gives noise, not ranking. Seed-to-seed correlation of
+the per-unit estimates over 64 calibration samples (batches of 8): MNIST LeNet, its two hidden Gemm
+outputs probed together with the logits, 0.06 at 32 probes, 0.5 at 128, 0.91 / 0.97 at 512 (either
+probe structure); MiniLM, all 36 MatMul outputs together, ~0 at 32 probes (half the units clamped
+to 0). Spend probes (or group fewer tensors per call) accordingly.
 
 Memory: "independent" probes are regenerated from per-(seed, batch, tensor, row-chunk, probe)
 generators instead of being stored, so a batch holds one probe per listed tensor, the P central
