@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -92,7 +93,7 @@ def calibration_stats(model: onnx.ModelProto, calib: CalibLike, *, samples: int 
     tables = {t.indices.name: np.asarray(t.table.values).shape[0] for t in find_tables(graph)[0]} if embeddings else {}
     if not tensors and not tables:
         return {}, {}
-    batches = lambda: calibration_batches(calib, model, samples=samples, batch_size=batch_size)  # noqa: E731
+    batches = functools.partial(calibration_batches, calib, model, samples=samples, batch_size=batch_size)
     return collect_stats(model, tensors, batches, mask_input=find_mask_input(model, mask),
                          threads=threads or default_threads(), counts=tables)
 
@@ -111,7 +112,7 @@ def output_sensitivities(model: onnx.ModelProto, calib: CalibLike, *, samples: i
     tensors = sorted({layer.node.outputs[0].name for layer in layers})
     if not tensors:
         return {}
-    batches = lambda: calibration_batches(calib, model, samples=samples, batch_size=batch_size)  # noqa: E731
+    batches = functools.partial(calibration_batches, calib, model, samples=samples, batch_size=batch_size)
     return output_sensitivity(model, tensors, batches, probes=probes, mask_input=find_mask_input(model, mask),
                               threads=threads or default_threads())
 

@@ -215,10 +215,9 @@ class FactorizeMatMul:
         energy rule reads) and a function ``rank -> (A, B)``. The expensive parts — the eigen-
         decomposition of the Gram (shared by every layer reading the same input) and one SVD per
         weight — are done once, whatever ranks are asked for."""
-        method = self.config.method if st is not None else "svd"
         if st is None:
-            U, s, Vt = linalg.svd(W)
-            return s, lambda r: (U[:, :r] * np.sqrt(s[:r]), np.sqrt(s[:r])[:, None] * Vt[:r])
+            return _svd_factors(W)
+        method = self.config.method
         # Centered statistics + the bias correction give the optimal affine fit (R8 in the research notes).
         gram = st.centered_gram if self.config.bias_correction else st.gram
         key = (id(st), self.config.bias_correction)
@@ -235,11 +234,9 @@ class FactorizeMatMul:
             return whitened.s, whitened.factors
         if method == "isvt":
             return linalg.WhitenedSVD.fit(W, (lam, Q)).s, lambda r: linalg.isvt(W, gram, r, eig=(lam, Q))[:2]
-        U, s, Vt = linalg.svd(W)
+        s, factors = _svd_factors(W)
         if method == "asvd":
             factors = lambda r: linalg.asvd(W, st.mean_abs, r)  # noqa: E731
-        else:
-            factors = lambda r: (U[:, :r] * np.sqrt(s[:r]), np.sqrt(s[:r])[:, None] * Vt[:r])  # noqa: E731
         if not self.config.refit:
             return s, factors
         # Refit B against the clamped Gram Q diag(lam) Qᵀ: on directions the calibration data never
@@ -269,10 +266,10 @@ class FactorizeMatMul:
         for layer in tqdm(layers, desc="factorize", unit="layer", disable=None, leave=False):
             key = (layer.weight.name, layer.transposed)
             st = weight_stats.get(key)
-            sensitivity = self._weight_sensitivity(layers, key)
             if key not in decompositions:
-                decompositions[key] = self._decompose(layer.W, st, sensitivity)
-            spectrum, make_factors = decompositions[key]
+                sensitivity = self._weight_sensitivity(layers, key)
+                decompositions[key] = (sensitivity, *self._decompose(layer.W, st, sensitivity))
+            sensitivity, spectrum, make_factors = decompositions[key]
             k, n = layer.W.shape
             rank = self.choose_rank(layer, spectrum)
             details = {
@@ -332,6 +329,12 @@ class FactorizeMatMul:
         node.inputs[0] = hidden
         node.inputs[1] = B
         graph.nodes.append(first)
+
+
+def _svd_factors(W: np.ndarray):
+    """Plain SVD computed once: ``(spectrum, rank -> (A, B))`` with the values split evenly."""
+    U, s, Vt = linalg.svd(W)
+    return s, lambda r: (U[:, :r] * np.sqrt(s[:r]), np.sqrt(s[:r])[:, None] * Vt[:r])
 
 
 def _method_used(method: str, st: TensorStats | None, sensitivity: np.ndarray | None) -> str:
