@@ -12,17 +12,23 @@ import onnx
 
 from onnxlr import io, linalg
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import import_graph
+from onnxlr.graph import count_parameters, import_graph, truncated
+from onnxlr.macs import count_macs
 from onnxlr.calibration import calibration_batches, find_mask_input
+from onnxlr import conv_factors
+from onnxlr.passes.factorize_conv import DECOMPOSITIONS, FactorizeConv, FactorizeConvConfig, find_convs
+from onnxlr.passes.fold_constants import FoldConstants
 from onnxlr.passes.factorize_embedding import FactorizeEmbedding, FactorizeEmbeddingConfig, find_tables
 from onnxlr.passes.factorize_matmul import DATA_AWARE, FactorizeMatMul, FactorizeMatMulConfig, find_layers
+from onnxlr.passes.factorize_sequential import FactorizeMatMulSequential
 from onnxlr.pipeline import PassManager
 from onnxlr.report import ModelSummary, Report
 from onnxlr.runtimes import feeds as feeds_mod
 from onnxlr.runtimes.compare import TOLERANCE_METRICS, Tolerance
 from onnxlr.runtimes.providers import default_threads, parse_providers
 from onnxlr.runtimes.sensitivity import output_sensitivity
-from onnxlr.runtimes.stats import collect_stats
+from onnxlr.runtimes.latency_guard import LatencyGuard
+from onnxlr.runtimes.stats import PairedRuns, collect_stats, collect_unfolded_stats
 from onnxlr.runtimes.validate import validate_models
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -31,6 +37,8 @@ CalibLike = str | os.PathLike | Iterable[Mapping[str, np.ndarray]] | None
 
 # Used when no rank rule is given at all: keep half the singular values of every layer.
 DEFAULT_RANK_RATIO = 0.5
+# Share of each conv's parameters its replacement may keep, unless conv_ratio says otherwise.
+DEFAULT_CONV_RATIO = 0.5
 
 
 def _load(model: ModelLike) -> tuple[onnx.ModelProto, str]:
@@ -54,6 +62,43 @@ def parse_tolerance(spec: float | str | Tolerance | None) -> Tolerance | None:
     if not np.isfinite(number) or number < 0:
         raise OnnxlrError(f"--max-error must be a finite non-negative number, got {value}")
     return Tolerance(metric, number)
+
+
+TARGETS = ("params",)
+
+
+def parse_target(spec: str | tuple[str, float]) -> tuple[str, float]:
+    """``"params=0.5"`` -> ``("params", 0.5)``: keep this share of the model's parameters."""
+    if isinstance(spec, tuple):
+        kind, value = spec
+    else:
+        kind, sep, value = str(spec).partition("=")
+        if not sep:
+            raise OnnxlrError(f"malformed --target {spec!r}: expected KIND=VALUE, e.g. params=0.5")
+    kind = kind.strip()
+    if kind not in TARGETS:
+        raise OnnxlrError(f"unknown --target kind {kind!r} (supported: {', '.join(TARGETS)})")
+    try:
+        number = float(value)
+    except ValueError:
+        raise OnnxlrError(f"malformed --target {spec!r}: {value!r} is not a number") from None
+    if not 0.0 < number <= 1.0:
+        raise OnnxlrError(f"--target {kind} must be a share in (0, 1], got {value}")
+    return kind, number
+
+
+def layer_param_budget(model: onnx.ModelProto, share: float) -> int:
+    """Parameters left to the factorizable MatMul/Gemm weights when the whole model must keep
+    ``share`` of its parameters (every other parameter stays as it is)."""
+    total = count_parameters(model)
+    layers, _ = find_layers(import_graph(model))
+    factorizable = sum({layer.weight.name: layer.W.size for layer in layers}.values())
+    budget = share * total - (total - factorizable)
+    if budget <= 0:
+        raise OnnxlrError(f"--target params={share:g} is out of reach: the factorizable MatMul/Gemm weights "
+                          f"hold {factorizable:,} of the model's {total:,} parameters "
+                          f"(the rest alone is {(total - factorizable) / total:.1%} of the model)")
+    return int(budget)
 
 
 def sample_inputs(model: onnx.ModelProto, inputs: InputsLike = None, dims: Mapping[str, int] | None = None,
@@ -103,6 +148,68 @@ SENSITIVITY_SAMPLES = 64
 SENSITIVITY_PROBES = 32
 
 
+def paired_collector(model: onnx.ModelProto, calib: CalibLike, *, samples: int | None = None,
+                     batch_size: int = 8, mask: str | None = None, threads: int | None = None):
+    """``(graph, {tensor: dtype}) -> {tensor: CrossStats}``: paired statistics of ``model`` and the current
+    state of ``graph`` (a rewritten copy of it) on the calibration data, for sequential factorization.
+    Both models are cut down to what computes ``tensors``, so early stages run only the first layers."""
+    batches = functools.partial(calibration_batches, calib, model, samples=samples, batch_size=batch_size)
+    runs = PairedRuns(batches, mask_input=find_mask_input(model, mask), threads=threads or default_threads())
+    reference = import_graph(model)
+    return lambda graph, tensors: runs.collect(truncated(reference, tensors, model),
+                                               truncated(graph, tensors, model), list(tensors))
+
+
+def conv_patch_stats(model: onnx.ModelProto, calib: CalibLike, *, samples: int | None = None,
+                     batch_size: int = 8, threads: int | None = None) -> dict[str, Any]:
+    """Per factorizable Conv node: statistics of the im2col patches it multiplies (rows of length
+    Cin*K), in one streaming ORT run."""
+    layers, _ = find_convs(import_graph(model))
+    specs = {}
+    for layer in layers:
+        geo = layer.geometry()
+
+        def rows(x, kernel=layer.kernel, geo=geo):
+            pads = conv_factors.explicit_pads(x.shape[2:], kernel, geo["strides"], geo["dilations"],
+                                              geo["pads"], geo["auto_pad"])
+            return conv_factors.im2col(x, kernel, geo["strides"], pads, geo["dilations"])
+
+        specs[layer.node.name] = (layer.node.inputs[0].name, rows)
+    if not specs:
+        return {}
+    batches = functools.partial(calibration_batches, calib, model, samples=samples, batch_size=batch_size)
+    return collect_unfolded_stats(model, specs, batches, threads=threads or default_threads())
+
+
+def _conv_names(convs) -> set[str]:
+    return {n for layer in convs for n in (layer.node.name, layer.weight.name)}
+
+
+def input_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> dict[str, list[int]]:
+    """Concrete shapes of the tensors shape inference can resolve once the model inputs' symbolic
+    dimensions are fixed: from ``dims``, else 1 for a leading (batch) dimension."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    dims = dict(dims or {})
+    for value in fixed.graph.input:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if not dim.HasField("dim_value"):
+                if dim.dim_param in dims:
+                    dim.dim_value = dims[dim.dim_param]
+                elif axis == 0:
+                    dim.dim_value = 1
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    except Exception:  # noqa: BLE001 - best effort: layers with unknown shapes are reported as unmeasured
+        return {}
+    shapes = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        dims_ = value.type.tensor_type.shape.dim
+        if dims_ and all(d.HasField("dim_value") for d in dims_):
+            shapes[value.name] = [d.dim_value for d in dims_]
+    return shapes
+
+
 def output_sensitivities(model: onnx.ModelProto, calib: CalibLike, *, samples: int = SENSITIVITY_SAMPLES,
                          batch_size: int = 8, mask: str | None = None, threads: int | None = None,
                          probes: int = SENSITIVITY_PROBES) -> dict[str, np.ndarray]:
@@ -126,9 +233,14 @@ def optimize(
     rank_ratio: float | None = None,
     energy: float | None = None,
     ranks: Mapping[str, int] | None = None,
+    target: str | tuple[str, float] | None = None,
     force: bool = False,
     refit: bool = True,
     bias_correction: bool = True,
+    sequential: bool = False,
+    conv: str = "auto",
+    conv_ratio: float | None = None,
+    latency_guard: bool = False,
     embeddings: bool = False,
     providers: str | Sequence[str] = ("cpu",),
     inputs: InputsLike = None,
@@ -153,10 +265,22 @@ def optimize(
     rank_ratio : keep ``ceil(rank_ratio * min(k, n))`` singular values of each (k, n) weight.
     energy : keep the smallest rank holding this share of each weight's squared spectrum.
         With neither, ``rank_ratio=DEFAULT_RANK_RATIO``.
+    target : ``"params=0.5"``: the whole model keeps this share of its parameters; the ranks of the
+        factorizable layers are allocated to fit (``onnxlr.allocation``: least summed truncation error
+        of the method's spectrum, some layers possibly left dense). Excludes ``rank_ratio``/``energy``.
     ranks : per-layer ranks keyed by node or weight name (override the rule above).
     force : rewrite layers even when their rank would not save parameters.
     refit, bias_correction : data-aware methods refit the output factor to the layer's true output
         and fold the mean output error into the bias; switch off for ablations.
+    sequential : data-aware methods: factorize stage by stage, fitting each layer to reproduce the
+        original output from the input the already-compressed layers give it (one pass over the
+        calibration data per stage; :mod:`onnxlr.passes.factorize_sequential`).
+    conv : how Conv layers are factorized: ``auto`` (per layer, the decomposition with the lowest
+        calibrated error within the budget), ``channel``, ``spatial``, ``tucker2``, or ``none``.
+    conv_ratio : share of each conv's parameters its replacement may keep (default 0.5; with
+        ``target`` and no ``conv_ratio`` the convs are left alone: the target allocates MatMul/Gemm ranks).
+    latency_guard : keep a conv rewrite only if it runs faster in ONNX Runtime on the first provider,
+        measured at the layer's input shape (symbolic dimensions from ``dims``, batch 1 otherwise).
     embeddings : also factorize embedding tables (Gather on a constant [vocab, d] table) under the
         same rank rule, weighted by token frequency in ``calib`` when given.
     providers : execution providers to validate on (``"cpu,cuda"`` or a list).
@@ -173,36 +297,66 @@ def optimize(
     (optimized ModelProto, Report)
     """
     original, path = _load(model)
-    if rank_ratio is None and energy is None and not ranks:
+    # Weights computed from constants become initializers first; everything below sees the folded model.
+    work, folded = PassManager([FoldConstants()]).run(original)
+    param_budget = None
+    if target is not None:
+        if embeddings:
+            raise OnnxlrError("--target does not allocate embedding tables yet; use --rank-ratio or --energy "
+                              "with --embeddings")
+        param_budget = layer_param_budget(work, parse_target(target)[1])
+    elif rank_ratio is None and energy is None and not ranks:
         rank_ratio = DEFAULT_RANK_RATIO
     method = method or ("whitened" if calib is not None else "svd")
     ranks = dict(ranks or {})
     table_ranks = {}
     if embeddings:  # per-layer ranks naming an embedding table go to the embedding pass
-        names = {n for t in find_tables(import_graph(original))[0] for n in (t.node.name, t.table.name)}
+        names = {n for t in find_tables(import_graph(work))[0] for n in (t.node.name, t.table.name)}
         table_ranks = {k: v for k, v in ranks.items() if k in names}
         ranks = {k: v for k, v in ranks.items() if k not in names}
-    config = FactorizeMatMulConfig(method=method, rank_ratio=rank_ratio, energy=energy, ranks=ranks,
-                                   force=force, refit=refit, bias_correction=bias_correction)
+    if conv != "none" and conv not in ("auto", *DECOMPOSITIONS):
+        raise OnnxlrError(f"unknown conv decomposition {conv!r} (choose from auto, {', '.join(DECOMPOSITIONS)}, none)")
+    convs = find_convs(import_graph(work))[0] if conv != "none" and (target is None or conv_ratio) else []
+    conv_ranks = {k: v for k, v in ranks.items() if k in _conv_names(convs)}
+    ranks = {k: v for k, v in ranks.items() if k not in conv_ranks}
+    config = FactorizeMatMulConfig(method=method, rank_ratio=rank_ratio, energy=energy, param_budget=param_budget,
+                                   ranks=ranks, force=force, refit=refit, bias_correction=bias_correction)
     tolerance = parse_tolerance(max_error)
     parse_providers(providers)  # fail on an unknown provider before the slow part
     if method in DATA_AWARE and calib is None:
         raise OnnxlrError(f"method {method!r} needs calibration data (--calib)")
+    if sequential and method not in DATA_AWARE:
+        raise OnnxlrError(f"sequential factorization needs a data-aware method (--method whitened…), not {method!r}")
     stats, counts, sensitivity = None, {}, None
-    if method == "fisher" and isinstance(calib, Iterator):
-        calib = list(calib)  # read twice (statistics, then sensitivities): a one-shot iterator is kept
-    if calib is not None:
-        stats, counts = calibration_stats(original, calib, samples=calib_samples, batch_size=batch_size,
+    if (method == "fisher" or sequential) and isinstance(calib, Iterator):
+        calib = list(calib)  # read more than once (statistics, sensitivities, stages): a one-shot iterator is kept
+    if calib is not None and (not sequential or embeddings or param_budget is not None):
+        stats, counts = calibration_stats(work, calib, samples=calib_samples, batch_size=batch_size,
                                           threads=threads, embeddings=embeddings)
+    conv_stats = conv_patch_stats(work, calib, samples=calib_samples, batch_size=batch_size,
+                                  threads=threads) if convs and calib is not None and method in DATA_AWARE else {}
     if method == "fisher":
-        sensitivity = output_sensitivities(original, calib, samples=min(calib_samples or SENSITIVITY_SAMPLES,
+        sensitivity = output_sensitivities(work, calib, samples=min(calib_samples or SENSITIVITY_SAMPLES,
                                                                         SENSITIVITY_SAMPLES),
                                            batch_size=batch_size, threads=threads)
-    passes = [FactorizeMatMul(config, stats, sensitivity)]
+    if sequential:
+        collect = paired_collector(work, calib, samples=calib_samples, batch_size=batch_size, threads=threads)
+        passes = [FactorizeMatMulSequential(config, collect, sensitivity, stats=stats)]
+    else:
+        passes = [FactorizeMatMul(config, stats, sensitivity)]
+    if convs:
+        guard = None
+        if latency_guard:
+            guard = LatencyGuard(input_shapes(work, dims), provider=parse_providers(providers)[0],
+                                 threads=threads or default_threads())
+        conv_config = FactorizeConvConfig(decomposition=conv, param_ratio=conv_ratio or DEFAULT_CONV_RATIO,
+                                          ranks=conv_ranks, force=force)
+        passes.append(FactorizeConv(conv_config, conv_stats, guard))
     if embeddings:
         passes.append(FactorizeEmbedding(FactorizeEmbeddingConfig(
             rank_ratio=rank_ratio, energy=energy, ranks=table_ranks, force=force), counts))
-    optimized, records = PassManager(passes).run(original)
+    optimized, records = PassManager(passes).run(work)
+    records = [record for record in folded if record.layers] + records
     try:
         io.check_model(optimized)
     except Exception as exc:  # a broken rewrite is a bug in onnxlr, not a user error
@@ -240,55 +394,42 @@ INSPECT_RANK_FRACTIONS = (0.1, 0.25, 0.5)
 
 
 def inspect(model: ModelLike, *, dims: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
-    """Per MatMul/Gemm layer: weight shape, params, MACs, whether factorizable, break-even rank and
-    the spectrum energy kept at a few ranks.
+    """Per MatMul/Gemm and Conv layer: weight shape, params, MACs, whether factorizable, break-even
+    rank and the spectrum energy kept at a few ranks (for a conv, of its channel unfolding).
 
-    MACs are per output row (``k*n``) and, when the input's leading dimensions are known (fixed or
-    set through ``dims``), for one full run.
+    MACs are per output row / pixel (``macs_per_row``) and, when shape inference can tell the layer's
+    output shape (symbolic input dimensions set through ``dims``, a leading batch dimension taken as
+    1), for one full run (``macs``).
     """
     proto, _ = _load(model)
-    rows = _leading_rows(proto, dict(dims or {}))
-    layers, skipped = find_layers(import_graph(proto))
+    proto = PassManager([FoldConstants()]).run(proto)[0]
+    macs = count_macs(proto, dims).per_node
+    graph = import_graph(proto)
+    layers, skipped = find_layers(graph)
+    convs, conv_skipped = find_convs(graph)
+    # (node, weight, shape shown: the logical (k, n) of a MatMul/Gemm, the raw conv kernel, matrix)
+    matrices = [(layer.node, layer.weight, list(layer.W.shape), layer.W) for layer in layers]
+    matrices += [(layer.node, layer.weight, list(layer.W.shape), conv_factors.channel_matrix(layer.W))
+                 for layer in convs]
     out = []
-    for layer in layers:
-        k, n = layer.W.shape
-        s = linalg.svd(layer.W)[1]
+    for node, weight, shape, M in matrices:
+        k, n = M.shape
+        s = linalg.svd(M)[1]
         kept = linalg.energy_kept(s)
         m = s.size
-        x = layer.node.inputs[0].name
         out.append({
-            "node": layer.node.name, "op": layer.node.op, "weight": layer.weight.name,
-            "shape": [k, n], "params": k * n, "macs_per_row": k * n,
-            "macs": rows[x] * k * n if rows.get(x) else None,
+            "node": node.name, "op": node.op, "weight": weight.name,
+            "shape": shape, "params": k * n, "macs_per_row": k * n,
+            "macs": macs.get(node.name or node.outputs[0].name),
             "factorizable": True, "reason": "",
             "break_even_rank": round(linalg.break_even_rank(k, n), 1),
             "energy_at_rank": {int(max(1, round(f * m))): round(float(kept[max(1, round(f * m)) - 1]), 4)
                                for f in INSPECT_RANK_FRACTIONS},
             "rank_for_energy": {e: linalg.rank_for_energy(s, e) for e in (0.9, 0.99)},
         })
-    for change in skipped:
+    for change in [*skipped, *conv_skipped]:
         out.append({"node": change.node, "op": change.op, "factorizable": False, "reason": change.reason})
     return out
-
-
-def _leading_rows(model: onnx.ModelProto, dims: dict[str, int]) -> dict[str, int]:
-    """Tensor name -> product of all but the last dimension, where shape inference can tell."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    for value in fixed.graph.input:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param") and dim.dim_param in dims:
-                dim.dim_value = dims[dim.dim_param]
-    try:
-        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
-    except Exception:
-        return {}
-    rows = {}
-    for value in list(inferred.graph.value_info) + list(inferred.graph.input):
-        shape = value.type.tensor_type.shape.dim
-        if len(shape) >= 1 and all(d.HasField("dim_value") for d in shape):
-            rows[value.name] = int(np.prod([d.dim_value for d in shape[:-1]]))
-    return rows
 
 
 def write(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None,

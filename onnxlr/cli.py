@@ -14,6 +14,7 @@ from pathlib import Path
 
 from onnxlr import api
 from onnxlr.errors import OnnxlrError
+from onnxlr.passes.factorize_conv import DECOMPOSITIONS
 from onnxlr.passes.factorize_matmul import METHODS
 from onnxlr.runtimes.feeds import parse_dims
 
@@ -72,8 +73,22 @@ def _add_rank_options(p: argparse.ArgumentParser) -> None:
                       help=f"keep ceil(R*min(k,n)) singular values per layer (default {api.DEFAULT_RANK_RATIO})")
     rule.add_argument("--energy", type=_ratio, metavar="E",
                       help="keep the smallest rank holding share E of each layer's squared spectrum")
+    rule.add_argument("--target", metavar="params=F",
+                      help="keep share F of the model's parameters, ranks allocated across layers for the "
+                           "least calibrated error (some layers may stay dense)")
+    p.add_argument("--sequential", action="store_true",
+                   help="data-aware methods: fit each layer to the input the already-compressed layers "
+                        "give it (one calibration pass per stage of layers; slower)")
     p.add_argument("--rank", action="append", metavar="LAYER=R",
                    help="rank for one layer (node or weight name); repeatable; overrides the rule")
+    p.add_argument("--conv", choices=("auto", *DECOMPOSITIONS, "none"), default="auto",
+                   help="Conv factorization: auto (per layer, the decomposition with the lowest calibrated "
+                        "error), channel, spatial, tucker2, or none (default auto)")
+    p.add_argument("--conv-ratio", type=_ratio, metavar="F",
+                   help=f"share of each conv's parameters its replacement may keep (default {api.DEFAULT_CONV_RATIO})")
+    p.add_argument("--latency-guard", action="store_true",
+                   help="keep a conv rewrite only if ONNX Runtime runs it faster at the layer's input shape "
+                        "(measured on the first provider, cached on disk)")
     p.add_argument("--embeddings", action="store_true",
                    help="also factorize embedding tables (Gather on a constant table), weighted by "
                         "token frequency in --calib")
@@ -151,7 +166,9 @@ def cmd_optimize(args) -> int:
         raise OnnxlrError("--calib-samples must be at least 1")
     optimized, report = api.optimize(
         args.model, calib=args.calib, calib_samples=args.calib_samples, method=args.method,
-        rank_ratio=args.rank_ratio, energy=args.energy, ranks=_parse_ranks(args.rank),
+        rank_ratio=args.rank_ratio, energy=args.energy, target=args.target, sequential=args.sequential,
+        conv=args.conv, conv_ratio=args.conv_ratio, latency_guard=args.latency_guard,
+        ranks=_parse_ranks(args.rank),
         force=args.force, embeddings=args.embeddings, validate=not args.no_validate, **_validation_kwargs(args))
     if report.passed is False:
         _emit(report, args)
@@ -178,15 +195,15 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(layers, indent=2))
         return EXIT_OK
-    print(f"{'node':<40} {'op':<6} {'k x n':>11} {'params':>10} {'MACs':>14} {'break-even':>10}  energy at rank")
+    print(f"{'node':<40} {'op':<6} {'weight shape':>14} {'params':>10} {'MACs':>14} {'break-even':>10}  energy at rank")
     for layer in layers:
         if not layer["factorizable"]:
             print(f"{layer['node']:<40} {layer['op']:<6} not factorizable: {layer['reason']}")
             continue
-        k, n = layer["shape"]
+        shape = "x".join(str(d) for d in layer["shape"])
         macs = f"{layer['macs']:,}" if layer["macs"] else f"{layer['macs_per_row']:,}/row"
         energy = "  ".join(f"r={r}:{e:.3f}" for r, e in layer["energy_at_rank"].items())
-        print(f"{layer['node']:<40} {layer['op']:<6} {f'{k}x{n}':>11} {layer['params']:>10,} {macs:>14} "
+        print(f"{layer['node']:<40} {layer['op']:<6} {shape:>14} {layer['params']:>10,} {macs:>14} "
               f"{layer['break_even_rank']:>10}  {energy}")
     return EXIT_OK
 
@@ -204,7 +221,9 @@ def cmd_demo(args) -> int:
     # Calibrated on 256 sentences, validated on 512 others: the two sets are disjoint.
     optimized, report = api.optimize(
         model_path, calib=args.calib or calib_npz, calib_samples=args.calib_samples, method=args.method,
-        rank_ratio=args.rank_ratio, energy=args.energy, ranks=_parse_ranks(args.rank),
+        rank_ratio=args.rank_ratio, energy=args.energy, target=args.target, sequential=args.sequential,
+        conv=args.conv, conv_ratio=args.conv_ratio, latency_guard=args.latency_guard,
+        ranks=_parse_ranks(args.rank),
         force=args.force, embeddings=args.embeddings, providers=args.providers, inputs=eval_npz)
     api.write(optimized, output, source=model_path)
     report.optimized.path = str(output)

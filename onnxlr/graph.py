@@ -8,6 +8,7 @@ stored it as an initializer or as a ``Constant`` node (some exporters do the lat
 from __future__ import annotations
 
 from collections import Counter
+from typing import Mapping
 
 import numpy as np
 import onnx
@@ -53,7 +54,25 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.doc_string = template.doc_string
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
+    if model.ir_version < 4:
+        # Before IR 4 every initializer must also be a graph input (e.g. the opset-9 model zoo graphs).
+        listed = {value.name for value in model.graph.input}
+        model.graph.input.extend(
+            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            for t in model.graph.initializer if t.name not in listed)
     return model
+
+
+def truncated(graph: gs.Graph, outputs: Mapping[str, np.dtype], template: onnx.ModelProto) -> onnx.ModelProto:
+    """A model computing only ``outputs`` (tensor name -> element type) of ``graph``: every node they do
+    not depend on is dropped, the graph inputs are kept. ``graph`` itself is not modified."""
+    part = graph.copy()
+    tensors = part.tensors()
+    inputs = {t.name for t in part.inputs}
+    part.outputs = [tensors[name] for name in outputs if name not in inputs]
+    for tensor in part.outputs:
+        tensor.dtype = tensor.dtype or outputs[tensor.name]
+    return export_model(part, template)
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:

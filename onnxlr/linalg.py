@@ -510,7 +510,50 @@ def refit_output_factor_cross(W: np.ndarray, A: np.ndarray, G_hat: np.ndarray, C
     return _solve_normal(A.T @ (G_hat @ A), A.T @ (C @ W))
 
 
-def bias_correction(W: np.ndarray, A: np.ndarray, B: np.ndarray, mu: np.ndarray) -> np.ndarray:
+def sequential_target(W: np.ndarray, G_hat: np.ndarray, C: np.ndarray, *,
+                      eig: tuple[np.ndarray, np.ndarray] | None = None, rel_eps: float = 1e-6,
+                      ridge: float = 0.1) -> np.ndarray:
+    """The weight a layer should approximate once its input has drifted from ``X`` to ``X_hat``.
+
+    In a sequentially compressed network the layer sees ``X_hat`` (produced by already-compressed
+    upstream layers) but should still produce the original output ``X W``. Objective:
+    ``min_P ||X_hat P - X W||_F``. Its unconstrained minimiser is ``W* = G_hat^{-1} C W`` with
+    ``G_hat = X_hat^T X_hat`` and the cross Gram ``C = X_hat^T X`` (k, k), and for every ``P``
+    ``||X_hat P - X W||^2 = ||X_hat (P - W*)||^2 + const``: a whitened SVD of ``W*`` under ``G_hat``
+    is therefore the exact rank-r optimum of the sequential objective (SVD-LLM's sequential update,
+    Wang et al. 2025, solved jointly instead of refitting one factor).
+
+    Computed as ``W + G_hat^+ (C - G_hat) W`` with the pseudo-inverse from the eigen-decomposition of
+    ``G_hat`` clamped at ``rel_eps * max`` (the whitening regulariser): along directions the calibration
+    data barely excite the correction vanishes and ``W`` is kept, and ``X_hat = X`` gives ``W`` exactly.
+
+    ``ridge`` shrinks the correction: ``G_hat`` is replaced by ``G_hat + ridge * mean(eig G_hat) I`` in
+    the inverse only. The correction is a regression of the drift on ``X_hat`` with ``k * k``
+    coefficients, fitted from the calibration rows (7.6k rows against k = 1536 on MiniLM): unshrunk
+    it overfits. Measured on MiniLM at the 10% level (cosine to the original, held-out sentences):
+    ridge 0 → 0.9473, 0.01 → 0.9500, 0.1 → 0.9530, 1 → 0.9528 (one-shot whitened: 0.9491).
+
+    Parameters
+    ----------
+    W : ndarray of shape (k, n), G_hat : ndarray of shape (k, k), C : ndarray of shape (k, k)
+    eig : ``clamped_eigh(G_hat, rel_eps=rel_eps)`` if already computed.
+
+    Returns
+    -------
+    W_target : ndarray of shape (k, n)
+    """
+    W = _as_matrix(W)
+    k = W.shape[0]
+    G_hat = _as_gram(G_hat, k, "G_hat")
+    C = _as_gram(C, k, "C")
+    lam, Q = eig if eig is not None else clamped_eigh(G_hat, rel_eps=rel_eps)
+    lam = lam + ridge * lam.mean()
+    drift = C @ W - (0.5 * (G_hat + G_hat.T)) @ W  # X_hat^T (X - X_hat) W
+    return W + Q @ ((Q.T @ drift) / lam[:, None])
+
+
+def bias_correction(W: np.ndarray, A: np.ndarray, B: np.ndarray, mu: np.ndarray,
+                    mu_hat: np.ndarray | None = None) -> np.ndarray:
     """Bias shift that makes the mean output error of the factorization zero.
 
     The compressed layer's output error on a row ``x`` is ``x (W - A B)``; its mean over the
@@ -523,6 +566,8 @@ def bias_correction(W: np.ndarray, A: np.ndarray, B: np.ndarray, mu: np.ndarray)
     ----------
     W : ndarray of shape (k, n), A : ndarray of shape (k, r), B : ndarray of shape (r, n)
     mu : ndarray of shape (k,), mean calibration input row
+    mu_hat : ndarray of shape (k,), mean input row of the compressed layer when it differs from the
+        original's (sequential compression): the shift is then ``mu W - mu_hat A B``.
 
     Returns
     -------
@@ -535,7 +580,8 @@ def bias_correction(W: np.ndarray, A: np.ndarray, B: np.ndarray, mu: np.ndarray)
     if A.shape[0] != k or B.shape[1] != n or A.shape[1] != B.shape[0]:
         raise ValueError(f"factor shapes {A.shape} @ {B.shape} do not match W {W.shape}")
     mu = _as_vector(mu, k, "mu")
-    return mu @ W - (mu @ A) @ B
+    mu_hat = mu if mu_hat is None else _as_vector(mu_hat, k, "mu_hat")
+    return mu @ W - (mu_hat @ A) @ B
 
 
 def calibration_error(W: np.ndarray, A: np.ndarray, B: np.ndarray, G: np.ndarray) -> float:

@@ -60,6 +60,10 @@ class Report:
             not p.reason and all(self.tolerance.holds(o) for o in p.outputs) for p in ran
         )
 
+    def pass_named(self, name: str) -> PassRecord | None:
+        """The record of the pass called ``name`` (e.g. ``"factorize_matmul"``), None if it did not run."""
+        return next((record for record in self.passes if record.name == name), None)
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["tolerance"] = str(self.tolerance) if self.tolerance else None
@@ -85,13 +89,7 @@ class Report:
             if methods:
                 lines.append(f"  method: {', '.join(methods)}")
             for change in record.rewritten:
-                d = change.details
-                calib = f"  output err {d['calib_error']:.3f}" if "calib_error" in d else ""
-                lines.append(
-                    f"  {change.node:<40} {d['shape'][0]}x{d['shape'][1]} rank {d['rank']:<5} "
-                    f"params {d['params']:>9,} -> {d['params_after']:>9,}  "
-                    f"energy {d['energy_kept']:.3f}  weight err {d['weight_error']:.3f}{calib}"
-                )
+                lines.append(_rewritten_line(change))
             reasons: dict[str, list[str]] = {}
             for change in record.skipped:
                 reasons.setdefault(change.reason, []).append(change.node)
@@ -128,3 +126,25 @@ class Report:
 
 def _ratio(new: int, old: int) -> str:
     return f"{new / old:.1%} of original" if old else "n/a"
+
+
+def _rewritten_line(change) -> str:
+    """One rewritten layer: shape, rank(s) (and decomposition), params, errors, measured latency."""
+    d = change.details
+    if "shape" not in d:
+        return f"  {change.node:<40} {change.op} {change.reason}"
+    shape = "x".join(str(x) for x in d["shape"])
+    if "decomposition" in d:
+        rank = f"{d['decomposition']} rank {'/'.join(str(r) for r in d['ranks'])}"
+    else:
+        rank = f"rank {d['rank']:<5}"
+    parts = [f"  {change.node:<40} {shape} {rank} params {d['params']:>9,} -> {d['params_after']:>9,}"]
+    if "energy_kept" in d:
+        parts.append(f"energy {d['energy_kept']:.3f}")
+    parts.append(f"weight err {d['weight_error']:.3f}")
+    if d.get("calib_error") is not None:
+        parts.append(f"output err {d['calib_error']:.3f}")
+    latency = d.get("latency")
+    if isinstance(latency, dict) and d.get("decomposition") in latency:
+        parts.append(latency[d["decomposition"]])
+    return "  ".join(parts)

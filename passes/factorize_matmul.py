@@ -44,17 +44,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from onnxlr import linalg
+from onnxlr.allocation import allocate_ranks
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import consumer_counts, unique_name
 from onnxlr.pipeline import LayerChange, PassRecord, config_dict
-from onnxlr.runtimes.stats import TensorStats
+from onnxlr.runtimes.stats import CrossStats, TensorStats
 
 FACTORIZABLE_OPS = ("MatMul", "Gemm")
 METHODS = ("svd", "whitened", "fisher", "asvd", "isvt")
@@ -69,6 +70,10 @@ class FactorizeMatMulConfig:
     rank_ratio : keep ``ceil(rank_ratio * min(k, n))`` singular values of a ``(k, n)`` weight.
     energy : keep the smallest rank whose share of the squared spectrum is at least ``energy``
         (for ``whitened``/``isvt`` the calibrated spectrum, i.e. of the output X W).
+    param_budget : parameters allowed for all factorizable weights together; the ranks are then
+        allocated across layers (``onnxlr.allocation``) to minimise the summed truncation error the
+        method's spectrum predicts (for ``whitened`` the calibrated output error), some layers
+        possibly staying dense.
     ranks : per-layer ranks keyed by node name or weight name; they take precedence.
     force : rewrite even when the rank would not save parameters (used to test exactness).
     refit : data-aware methods: refit B to the layer's true output after truncation.
@@ -78,6 +83,7 @@ class FactorizeMatMulConfig:
     method: str = "svd"
     rank_ratio: float | None = None
     energy: float | None = None
+    param_budget: int | None = None
     ranks: dict[str, int] = field(default_factory=dict)
     force: bool = False
     refit: bool = True
@@ -86,8 +92,10 @@ class FactorizeMatMulConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise OnnxlrError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
-        if self.rank_ratio is not None and self.energy is not None:
-            raise OnnxlrError("give either a rank ratio or an energy share, not both")
+        if sum(x is not None for x in (self.rank_ratio, self.energy, self.param_budget)) > 1:
+            raise OnnxlrError("give one of a rank ratio, an energy share or a parameter budget")
+        if self.param_budget is not None and self.param_budget < 0:
+            raise OnnxlrError(f"parameter budget must be non-negative, got {self.param_budget}")
         if self.rank_ratio is not None and not 0.0 < self.rank_ratio <= 1.0:
             raise OnnxlrError(f"rank ratio must be in (0, 1], got {self.rank_ratio}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
@@ -168,32 +176,69 @@ class FactorizeMatMul:
     stats : calibration statistics keyed by input tensor name (required by data-aware methods).
     sensitivity : per layer-output tensor name, each output unit's measured effect on the model
         output (n,) (``runtimes.sensitivity``); required by ``fisher``.
+    cross : instead of ``stats``, paired statistics of each layer input in the original model and in
+        the model being compressed (sequential compression, see ``factorize_sequential``): each layer
+        is then fitted to reproduce the ORIGINAL output from its drifted input
+        (``linalg.sequential_target``).
+    only : rewrite only the layers whose (weight name, transposed) key is in this set; the others
+        are neither rewritten nor reported.
     """
 
     name = "factorize_matmul"
 
     def __init__(self, config: FactorizeMatMulConfig | None = None,
                  stats: Mapping[str, TensorStats] | None = None,
-                 sensitivity: Mapping[str, np.ndarray] | None = None):
+                 sensitivity: Mapping[str, np.ndarray] | None = None, *,
+                 cross: Mapping[str, CrossStats] | None = None,
+                 only: Collection[tuple[str, bool]] | None = None):
         self.config = config or FactorizeMatMulConfig()
+        if stats is not None and cross is not None:
+            raise ValueError("give either stats or cross statistics, not both")
+        stats = cross if cross is not None else stats
         if self.config.method in DATA_AWARE and stats is None:
             raise OnnxlrError(f"method {self.config.method!r} needs calibration data (--calib)")
         if self.config.method == "fisher" and sensitivity is None:
             raise OnnxlrError("method 'fisher' needs output sensitivities (from calibration data)")
         self.stats = stats
         self.sensitivity = sensitivity or {}
+        self.only = None if only is None else set(only)
 
     def choose_rank(self, layer: Layer, spectrum: np.ndarray) -> int | None:
         """The rank for ``layer`` under the config, or None if no rule applies."""
+        override = _override(self.config, layer)
+        if override is not None:
+            return override
         k, n = layer.W.shape
-        for key in (layer.node.name, layer.weight.name):
-            if key in self.config.ranks:
-                return int(self.config.ranks[key])
         return linalg.rank_from_rule(k, n, spectrum, rank_ratio=self.config.rank_ratio, energy=self.config.energy)
 
-    def _weight_stats(self, layers: list[Layer]) -> dict[tuple[str, bool], TensorStats]:
+    def _allocate(self, layers: list[Layer], decompositions: Mapping[tuple[str, bool], tuple]) -> dict:
+        """Ranks per weight key under ``config.param_budget`` (None: the weight stays dense)."""
+        given, free = {}, {}  # per weight: params with the user's rank / (shape, spectrum) to allocate
+        for layer in layers:
+            key = (layer.weight.name, layer.transposed)
+            k, n = layer.W.shape
+            override = _override(self.config, layer)
+            if override is not None:
+                given[key] = override * (k + n) if linalg.saves_parameters(k, n, override) else k * n
+            elif key not in free:
+                free[key] = ((k, n), decompositions[key][2])
+        fixed = sum(given.values())
+        shapes = [shape for shape, _ in free.values()]
+        # Cost of rank r: the squared spectrum the method truncates beyond r (for whitened, exactly the
+        # calibrated output error), summed over layers in absolute terms — every layer's error counts
+        # in the units of its own output. Measured on MiniLM, this beat weighting by relative error
+        # or by probed output sensitivity (docs/benchmarks.md).
+        costs = [np.concatenate([np.cumsum((s ** 2)[::-1])[::-1], [0.0]]) for _, s in free.values()]
+        smallest = sum(k + n for k, n in shapes)
+        budget = self.config.param_budget - fixed
+        if budget < smallest:
+            raise OnnxlrError(f"parameter budget {self.config.param_budget:,} is below the smallest reachable "
+                              f"{smallest + fixed:,} (rank 1 for every factorizable layer)")
+        return dict(zip(free, allocate_ranks(shapes, costs, budget)))
+
+    def _weight_stats(self, layers: list[Layer]) -> dict[tuple[str, bool], TensorStats | CrossStats]:
         """Statistics per weight: a weight read by several layers is fitted to all their inputs."""
-        merged: dict[tuple[str, bool], TensorStats] = {}
+        merged: dict[tuple[str, bool], TensorStats | CrossStats] = {}
         if self.stats is None:
             return merged
         for layer in layers:
@@ -210,6 +255,26 @@ class FactorizeMatMul:
                  if (layer.weight.name, layer.transposed) == key and layer.node.outputs[0].name in self.sensitivity]
         return np.sum(found, axis=0) if found else None
 
+    def _gram(self, st: TensorStats) -> np.ndarray:
+        # Centered statistics + the bias correction give the optimal affine fit (R8 in the research notes).
+        return st.centered_gram if self.config.bias_correction else st.gram
+
+    def _eig(self, st: TensorStats) -> tuple[np.ndarray, np.ndarray]:
+        """Clamped eigen-decomposition of ``st``'s Gram, once per statistics object (layers reading the
+        same input share it)."""
+        key = id(st)
+        if key not in self._eigs:
+            self._eigs[key] = (st, linalg.clamped_eigh(self._gram(st)))
+        return self._eigs[key][1]
+
+    def _target(self, W: np.ndarray, st: TensorStats | CrossStats | None) -> tuple[np.ndarray, TensorStats | None]:
+        """The weight to approximate and the statistics of the input it will see: ``W`` and ``st``
+        itself, or for paired statistics the sequential target on the compressed model's input."""
+        if not isinstance(st, CrossStats):
+            return W, st
+        cross = st.centered_cross if self.config.bias_correction else st.cross
+        return linalg.sequential_target(W, self._gram(st.hat), cross, eig=self._eig(st.hat)), st.hat
+
     def _decompose(self, W: np.ndarray, st: TensorStats | None, sensitivity: np.ndarray | None = None):
         """``(spectrum, factors)`` for one weight: the spectrum the method truncates (which the
         energy rule reads) and a function ``rank -> (A, B)``. The expensive parts — the eigen-
@@ -218,12 +283,8 @@ class FactorizeMatMul:
         if st is None:
             return _svd_factors(W)
         method = self.config.method
-        # Centered statistics + the bias correction give the optimal affine fit (R8 in the research notes).
-        gram = st.centered_gram if self.config.bias_correction else st.gram
-        key = (id(st), self.config.bias_correction)
-        if key not in self._eigs:
-            self._eigs[key] = linalg.clamped_eigh(gram)
-        lam, Q = self._eigs[key]
+        gram = self._gram(st)
+        lam, Q = self._eig(st)
         if method in ("whitened", "fisher"):
             weights = None
             if method == "fisher" and sensitivity is not None:
@@ -249,29 +310,48 @@ class FactorizeMatMul:
 
         return s, refitted
 
-    def run(self, graph: gs.Graph) -> PassRecord:
-        record = PassRecord(self.name, config_dict(self.config))
-        layers, skipped = find_layers(graph)
-        record.layers.extend(skipped)
-        known = {layer.node.name for layer in layers} | {layer.weight.name for layer in layers}
-        unknown = sorted(set(self.config.ranks) - known)
-        if unknown:
-            raise OnnxlrError(f"no factorizable MatMul/Gemm layer or weight named {unknown[0]!r}")
-
+    def _decompositions(self, layers: list[Layer]) -> tuple[dict, dict]:
+        """Per weight key: its statistics, and ``(stats used, sensitivity, spectrum, rank -> factors)``."""
         weight_stats = self._weight_stats(layers)
         self._eigs: dict = {}
         decompositions: dict[tuple[str, bool], tuple] = {}
-        factors: dict[tuple[str, bool, int], tuple] = {}
         # disable=None: a progress bar on a terminal only, silent in logs and tests
-        for layer in tqdm(layers, desc="factorize", unit="layer", disable=None, leave=False):
+        for layer in tqdm(layers, desc="decompose", unit="layer", disable=None, leave=False):
             key = (layer.weight.name, layer.transposed)
-            st = weight_stats.get(key)
             if key not in decompositions:
+                target, st = self._target(layer.W, weight_stats.get(key))
                 sensitivity = self._weight_sensitivity(layers, key)
-                decompositions[key] = (sensitivity, *self._decompose(layer.W, st, sensitivity))
-            sensitivity, spectrum, make_factors = decompositions[key]
+                decompositions[key] = (st, sensitivity, *self._decompose(target, st, sensitivity))
+        return weight_stats, decompositions
+
+    def allocate(self, layers: list[Layer]) -> dict[tuple[str, bool], int | None]:
+        """Ranks per (weight name, transposed) under ``config.param_budget``; None = stays dense."""
+        return self._allocate(layers, self._decompositions(layers)[1])
+
+    def run(self, graph: gs.Graph) -> PassRecord:
+        record = PassRecord(self.name, config_dict(self.config))
+        layers, skipped = find_layers(graph)
+        if self.only is None:
+            record.layers.extend(skipped)
+            check_rank_names(self.config, layers)
+        else:
+            layers = [layer for layer in layers if (layer.weight.name, layer.transposed) in self.only]
+
+        weight_stats, decompositions = self._decompositions(layers)
+        allocated = self._allocate(layers, decompositions) if self.config.param_budget is not None else None
+        factors: dict[tuple[str, bool, int], tuple] = {}
+        for layer in layers:
+            key = (layer.weight.name, layer.transposed)
+            paired = weight_stats.get(key)
+            st, sensitivity, spectrum, make_factors = decompositions[key]
             k, n = layer.W.shape
-            rank = self.choose_rank(layer, spectrum)
+            if allocated is not None and _override(self.config, layer) is None:
+                rank = allocated[key]
+                if rank is None:
+                    record.layers.append(kept_dense(layer))
+                    continue
+            else:
+                rank = self.choose_rank(layer, spectrum)
             details = {
                 "weight": layer.weight.name,
                 "shape": [k, n],
@@ -297,9 +377,12 @@ class FactorizeMatMul:
             fkey = key + (rank,)
             if fkey not in factors:
                 A, B = make_factors(rank)
-                delta = (linalg.bias_correction(layer.W, A, B, st.mean)
-                         if st is not None and self.config.bias_correction else None)
-                factors[fkey] = (*self._constants(graph, layer, A, B), delta, _errors(layer.W, A, B, st, delta))
+                delta = None
+                if st is not None and self.config.bias_correction:
+                    ref_mean = paired.ref.mean if isinstance(paired, CrossStats) else st.mean
+                    delta = linalg.bias_correction(layer.W, A, B, ref_mean, st.mean)
+                factors[fkey] = (*self._constants(graph, layer, A, B), delta,
+                                 _errors(layer.W, A, B, paired, delta is not None))
             A_c, B_c, delta, errors = factors[fkey]
             self._rewrite(graph, layer, A_c, B_c)
             if delta is not None:
@@ -346,16 +429,48 @@ def _method_used(method: str, st: TensorStats | None, sensitivity: np.ndarray | 
     return method
 
 
-def _errors(W, A, B, st: TensorStats | None, delta) -> dict[str, float]:
+def kept_dense(layer: Layer) -> LayerChange:
+    """The record of a layer the parameter-budget allocation leaves dense."""
+    k, n = layer.W.shape
+    return LayerChange(layer.node.name, layer.node.op, "skipped", "kept dense by the parameter budget allocation",
+                       {"weight": layer.weight.name, "shape": [k, n], "params": k * n})
+
+
+def _override(config: FactorizeMatMulConfig, layer: Layer) -> int | None:
+    """The per-layer rank the user gave for this layer (by node or weight name), if any."""
+    for key in (layer.node.name, layer.weight.name):
+        if key in config.ranks:
+            return int(config.ranks[key])
+    return None
+
+
+def check_rank_names(config: FactorizeMatMulConfig, layers: list[Layer]) -> None:
+    """Every per-layer rank must name a factorizable layer (node) or weight."""
+    known = {layer.node.name for layer in layers} | {layer.weight.name for layer in layers}
+    unknown = sorted(set(config.ranks) - known)
+    if unknown:
+        raise OnnxlrError(f"no factorizable MatMul/Gemm layer or weight named {unknown[0]!r}")
+
+
+def _errors(W, A, B, st: TensorStats | CrossStats | None, centered: bool) -> dict[str, float]:
     """Relative weight error, and with statistics the relative output error on calibration data
-    ``||X W - (X A B + delta)|| / ||X W||`` (computed from the Gram alone)."""
-    M = np.asarray(W, dtype=np.float64) - A @ B
-    out = {"weight_error": float(np.linalg.norm(M) / max(np.linalg.norm(W), 1e-300))}
-    if st is not None:
-        gram = st.centered_gram if delta is not None else st.gram
-        num = float(np.sum(M * (gram @ M)))
-        den = float(np.sum(W * (st.gram @ W)))
-        out["calib_error"] = float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+    ``||X W - (X_hat A B + delta)|| / ||X W||`` (computed from the Gram matrices alone; ``X_hat = X``
+    unless the statistics are paired)."""
+    W = np.asarray(W, dtype=np.float64)
+    P = A @ B
+    out = {"weight_error": float(np.linalg.norm(W - P) / max(np.linalg.norm(W), 1e-300))}
+    if st is None:
+        return out
+    ref = st.ref if isinstance(st, CrossStats) else st
+    gram = (lambda s: s.centered_gram) if centered else (lambda s: s.gram)
+    if isinstance(st, CrossStats):
+        cross = st.centered_cross if centered else st.cross
+        num = float(np.sum(W * (gram(ref) @ W)) - 2 * np.sum(P * (cross @ W)) + np.sum(P * (gram(st.hat) @ P)))
+    else:
+        M = W - P
+        num = float(np.sum(M * (gram(ref) @ M)))
+    den = float(np.sum(W * (ref.gram @ W)))
+    out["calib_error"] = float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
     return out
 
 

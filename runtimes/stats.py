@@ -130,6 +130,150 @@ class TensorStats:
         self.count += rows.shape[0]
 
 
+@dataclass
+class CrossStats:
+    """Paired rows of one tensor in a reference model (rows x) and in a compressed copy of it (rows x̂)
+    fed the same batches: the statistics of sequential compression.
+
+    ref, hat: TensorStats of x and of x̂. cross: (k, k) float64, sum of x̂ xᵀ (not symmetric).
+    """
+
+    ref: TensorStats
+    hat: TensorStats
+    cross: np.ndarray
+
+    @classmethod
+    def zeros(cls, k: int) -> CrossStats:
+        return cls(TensorStats.zeros(k), TensorStats.zeros(k), np.zeros((k, k)))
+
+    @property
+    def centered_cross(self) -> np.ndarray:
+        """(k, k) cross Gram of the centered rows, ``cross - count·mean(x̂) mean(x)ᵀ``."""
+        return self.cross - self.hat.count * np.outer(self.hat.mean, self.ref.mean)
+
+    def merged(self, other: "CrossStats") -> "CrossStats":
+        return CrossStats(self.ref.merged(other.ref), self.hat.merged(other.hat), self.cross + other.cross)
+
+    def update(self, ref_rows: np.ndarray, hat_rows: np.ndarray) -> None:
+        """Accumulate paired rows (m, k): row i of both comes from the same position of the same sample."""
+        if np.shape(ref_rows) != np.shape(hat_rows):
+            raise ValueError(f"paired rows differ in shape: {np.shape(ref_rows)} and {np.shape(hat_rows)}")
+        self.ref.update(ref_rows)
+        self.hat.update(hat_rows)
+        step = max(1, _CHUNK_ELEMENTS // max(self.ref.k, 1))
+        for start in range(0, len(ref_rows), step):
+            x = np.ascontiguousarray(ref_rows[start:start + step], dtype=np.float64)
+            x_hat = np.ascontiguousarray(hat_rows[start:start + step], dtype=np.float64)
+            self.cross += x_hat.T @ x
+
+
+class PairedRuns:
+    """Runs a reference model and a compressed version of it on the same calibration batches and
+    collects `CrossStats` of tensors present in both under the same name (sequential compression).
+
+    Each :meth:`collect` builds one session per model and makes one pass over the batches, running
+    both models on each batch; only one batch's activations are held at a time. ``batches`` is as for
+    :func:`collect_stats` (a one-shot iterator is kept in memory after its first pass so that later
+    calls see the same batches).
+    """
+
+    def __init__(self, batches: BatchesLike, *, mask_input: str | None = None, threads: int = 2):
+        self._source = _BatchSource(batches)
+        self._source.keep = True
+        self._passes = 0
+        self.mask_input = mask_input
+        self.threads = threads
+
+    def collect(self, reference: onnx.ModelProto, compressed: onnx.ModelProto,
+                tensors: Sequence[str]) -> dict[str, CrossStats]:
+        """``{tensor: CrossStats}`` over all batches (x from ``reference``, x̂ from ``compressed``)."""
+        tensors = list(dict.fromkeys(tensors))
+        ref_graph, graph = _GraphInfo(reference), _GraphInfo(compressed)
+        for name in tensors:
+            ref_graph.require(name)
+            graph.require(name)
+        fetch = [t for t in tensors if t not in ref_graph.inputs]
+        sessions = [_exposing_session(m, fetch, self.threads) for m in (reference, compressed)]
+        batches = self._source.first() if self._passes == 0 else self._source.again()
+        record = self._source.record if self._passes == 0 else None
+        self._passes += 1
+        stats: dict[str, CrossStats] = {}
+        for index, batch in enumerate(batches):
+            if record is not None:
+                record(batch)
+            feeds = {name: np.asarray(value) for name, value in batch.items()}
+            ref, hat = (dict(zip(fetch, _run(session, fetch, feeds, index))) for session in sessions)
+            mask = None
+            if self.mask_input is not None:
+                mask = np.asarray(_fed(batch, self.mask_input, index)) != 0
+            for name in tensors:
+                x = np.asarray(ref[name] if name in ref else _fed(batch, name, index))
+                x_hat = np.asarray(hat.get(name, x))
+                k = x.shape[-1] if x.ndim else 1
+                keep = _masked(x, mask, x.shape[:-1])
+                x, x_hat = x.reshape(-1, k), x_hat.reshape(-1, k)
+                if keep is not None:
+                    x, x_hat = x[keep], x_hat[keep]
+                if name not in stats:
+                    stats[name] = CrossStats.zeros(k)
+                stats[name].update(x, x_hat)
+        if tensors and not stats:
+            raise OnnxlrError("no calibration batches")
+        return stats
+
+
+def collect_unfolded_stats(model: onnx.ModelProto, specs: Mapping[str, tuple[str, Callable[[np.ndarray], np.ndarray]]],
+                           batches: BatchesLike, *, threads: int = 2) -> dict[str, TensorStats]:
+    """Statistics of rows derived from activations, e.g. the im2col patches a Conv multiplies.
+
+    specs: key -> (tensor name, ``rows(activation) -> (m, d)`` array). One ORT pass over the batches
+    exposes every tensor; each batch's activation is turned into rows and folded into the key's
+    `TensorStats` at once, so only one batch is held at a time (but every key's Gram is held for the
+    whole pass: d*d*8 bytes each).
+    """
+    graph = _GraphInfo(model)
+    for tensor, _ in specs.values():
+        graph.require(tensor)
+    fetch = list(dict.fromkeys(t for t, _ in specs.values() if t not in graph.inputs))
+    session = _exposing_session(model, fetch, threads)
+    source = _BatchSource(batches)
+    stats: dict[str, TensorStats] = {}
+    for index, batch in enumerate(source.first()):
+        feeds = {name: np.asarray(value) for name, value in batch.items()}
+        values = dict(zip(fetch, _run(session, fetch, feeds, index)))
+        for key, (tensor, rows_of) in specs.items():
+            value = values[tensor] if tensor in values else _fed(batch, tensor, index)
+            for sample in np.asarray(value):  # one sample at a time bounds the unfolded rows' memory
+                rows = rows_of(sample[None])
+                if key not in stats:
+                    stats[key] = TensorStats.zeros(rows.shape[1])
+                stats[key].update(rows)
+    if specs and not stats:
+        raise OnnxlrError("no calibration batches")
+    return stats
+
+
+def _exposing_session(model: onnx.ModelProto, tensors: Sequence[str], threads: int):
+    """A CPU session of a copy of ``model`` with ``tensors`` added as outputs (None if none asked)."""
+    if not tensors:
+        return None
+    outputs = {o.name for o in model.graph.output}
+    if all(name in outputs for name in tensors):
+        return make_session(model.SerializeToString(), "CPUExecutionProvider", threads)
+    work, types = _working_copy(model)
+    work.graph.output.extend(_output_info(name, types) for name in tensors if name not in outputs)
+    return make_session(work.SerializeToString(), "CPUExecutionProvider", threads)
+
+
+def _run(session, fetch: Sequence[str], feeds: Batch, index: int) -> list[np.ndarray]:
+    if session is None:
+        return []
+    try:
+        return session.run(list(fetch), dict(feeds))
+    except (_OrtInvalidArgument, ValueError) as exc:
+        raise OnnxlrError(f"calibration batch {index}: {str(exc).splitlines()[0]}") from None
+
+
 def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], batches: BatchesLike, *,
                   mask_input: str | None = None, threads: int = 2, memory_budget: int = 2**30,
                   counts: Mapping[str, int] | None = None,

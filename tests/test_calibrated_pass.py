@@ -25,7 +25,7 @@ def test_every_method_is_exact_at_full_rank(mlp_proto, method):
     calib = [{"x": correlated_inputs(64, seed=1)}]
     optimized, report = onnxlr.optimize(mlp_proto, calib=calib, method=method, rank_ratio=1.0, force=True,
                                         validate=False)
-    assert {c.details["method"] for c in report.passes[0].rewritten} == {method}
+    assert {c.details["method"] for c in report.pass_named("factorize_matmul").rewritten} == {method}
     x = correlated_inputs(16, seed=2)
     np.testing.assert_allclose(run(optimized, x), run(mlp_proto, x), rtol=1e-3, atol=1e-4)
 
@@ -39,7 +39,7 @@ def test_whitened_beats_svd_on_the_calibrated_output_error(mlp_proto):
         x = correlated_inputs(256, seed=1)  # measured on the calibration data: the objective itself
         ref = run(mlp_proto, x)
         errors[method] = np.linalg.norm(run(optimized, x) - ref) / np.linalg.norm(ref)
-        assert all("calib_error" in c.details for c in report.passes[0].rewritten)
+        assert all("calib_error" in c.details for c in report.pass_named("factorize_matmul").rewritten)
     assert errors["whitened"] < errors["svd"]
     assert errors["whitened"] <= errors["asvd"] * 1.001
     assert errors["isvt"] == pytest.approx(errors["whitened"], rel=1e-3)
@@ -47,7 +47,7 @@ def test_whitened_beats_svd_on_the_calibrated_output_error(mlp_proto):
 
 def test_plain_svd_needs_no_calibration_and_data_aware_methods_do(mlp_proto):
     _, report = onnxlr.optimize(mlp_proto, rank_ratio=0.5, validate=False)
-    assert {c.details["method"] for c in report.passes[0].rewritten} == {"svd"}
+    assert {c.details["method"] for c in report.pass_named("factorize_matmul").rewritten} == {"svd"}
     with pytest.raises(OnnxlrError, match="needs calibration data"):
         onnxlr.optimize(mlp_proto, method="whitened", rank_ratio=0.5, validate=False)
 
@@ -117,4 +117,4 @@ def test_fisher_accepts_a_one_shot_generator_of_batches(mlp_proto):
     batches = ({"x": correlated_inputs(16, seed=s)} for s in range(3))
     _, report = onnxlr.optimize(mlp_proto, calib=batches, method="fisher", ranks={"fc1": 4, "fc2": 4},
                                 validate=False)
-    assert {c.details["method"] for c in report.passes[0].rewritten} == {"fisher"}
+    assert {c.details["method"] for c in report.pass_named("factorize_matmul").rewritten} == {"fisher"}

@@ -467,7 +467,7 @@ def test_inspect_table(capsys, mlp_path):
     assert set(rows) == {"fc1", "fc2"}
     assert rows["fc1"][1:4] == ["MatMul", "32x48", "1,536"] and rows["fc1"][5] == "19.2"
     assert rows["fc2"][1:4] == ["Gemm", "48x24", "1,152"] and rows["fc2"][5] == "16.0"
-    assert rows["fc1"][4] == "1,536/row"  # batch unknown: MACs per row
+    assert rows["fc1"][4] == "1,536"  # symbolic batch: one sample
     assert "break-even" in out.splitlines()[0]
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_minilm_full_rank_reproduces_the_embeddings(minilm_path, eval_feeds):
     optimized, report = onnxlr.optimize(minilm_path, rank_ratio=1.0, force=True, validate=False)
-    record = report.passes[0]
+    record = report.pass_named("factorize_matmul")
     assert len(record.rewritten) == 36  # Q, K, V, O, FFN-in, FFN-out x 6 layers
     feeds = {k: v[:64] for k, v in eval_feeds.items()}
     reference = minilm.embed(minilm_path, feeds)
@@ -27,7 +27,7 @@ def test_minilm_full_rank_reproduces_the_embeddings(minilm_path, eval_feeds):
 
 def test_mnist_gemm_layers_at_full_rank_keep_every_prediction(mnist_path, cache):
     optimized, report = onnxlr.optimize(mnist_path, rank_ratio=1.0, force=True, validate=False)
-    assert [c.op for c in report.passes[0].rewritten] == ["Gemm"] * 3
+    assert [c.op for c in report.pass_named("factorize_matmul").rewritten] == ["Gemm"] * 3
     images, _ = mnist.load_test(cache)
     ref = make_session(str(mnist_path), "CPUExecutionProvider", 2).run(None, {"image": images})[0]
     out = make_session(optimized.SerializeToString(), "CPUExecutionProvider", 2).run(None, {"image": images})[0]

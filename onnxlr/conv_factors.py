@@ -1,0 +1,193 @@
+"""Convolution weights as matrices: the unfoldings each Conv decomposition factorizes, and back.
+
+A Conv weight ``W`` has shape ``(Cout, Cin, *kernel)`` (1-D: ``(kw,)``, 2-D: ``(kh, kw)``); group 1.
+Each decomposition below is a reshape of ``W`` into a matrix ``M`` (rows = what the first new conv
+reads, columns = what the last one writes), a low-rank factorization ``M ≈ A @ B`` done by the
+ordinary matrix methods of :mod:`onnxlr.linalg` (plain, or whitened by the Gram of the matching
+input rows), and a reshape of ``A`` and ``B`` back into conv weights. Every ``*_weights`` function
+reproduces ``W`` exactly at full rank (tests check it against ONNX Runtime). References: Jaderberg et
+al. 2014 and AIMET (spatial SVD), Zhang et al. 2016 (channel / "weight" SVD), Kim et al. 2016 (Tucker-2).
+
+- **channel SVD**: ``M[(c, i, j), o] = W[o, c, i, j]`` of shape ``(Cin*kh*kw, Cout)``: the rows of the
+  data are im2col patches. ``A`` becomes a conv ``Cin -> r`` with the original kernel, stride, pads and
+  dilation; ``B`` a 1×1 conv ``r -> Cout`` carrying the bias. Parameters ``r*(Cin*K + Cout)``.
+- **spatial SVD** (2-D only): ``M[(c, i), (o, j)] = W[o, c, i, j]`` of shape ``(Cin*kh, Cout*kw)``: a
+  ``kh×1`` conv ``Cin -> r`` (vertical stride/pad/dilation) then a ``1×kw`` conv ``r -> Cout``
+  (horizontal ones). Parameters ``r*(Cin*kh + Cout*kw)``. Data-aware version: rows are vertical
+  patches ``(Cin*kh)``, an approximation (the exact objective couples the horizontal taps).
+- **Tucker-2**: a 1×1 conv ``Cin -> r1``, the core ``r1 -> r2`` with the original kernel and geometry,
+  a 1×1 conv ``r2 -> Cout``. Input factor from the SVD of the mode-``Cin`` unfolding (whitened by the
+  channel Gram when given), output factor from the mode-``Cout`` unfolding of what remains (HOSVD
+  order: input side first, so its whitening is honoured exactly). Parameters
+  ``Cin*r1 + r1*r2*K + r2*Cout``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxlr import linalg
+
+
+def kernel_size(W: np.ndarray) -> int:
+    """Number of kernel taps ``K = prod(kernel)``."""
+    return int(np.prod(W.shape[2:], dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------------- channel SVD
+
+
+def channel_matrix(W: np.ndarray) -> np.ndarray:
+    """``(Cin*K, Cout)`` matrix of the channel decomposition (rows in im2col patch order c, taps)."""
+    return W.reshape(W.shape[0], -1).T
+
+
+def channel_weights(A: np.ndarray, B: np.ndarray, kernel: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Conv weights ``(r, Cin, *kernel)`` and ``(Cout, r, 1, …)`` from ``A (Cin*K, r)``, ``B (r, Cout)``."""
+    r = A.shape[1]
+    first = A.T.reshape(r, -1, *kernel)
+    second = B.T.reshape(B.shape[1], r, *([1] * len(kernel)))
+    return first, second
+
+
+def channel_params(cin: int, cout: int, K: int, r: int) -> int:
+    return r * (cin * K + cout)
+
+
+# ----------------------------------------------------------------------------------- spatial SVD
+
+
+def spatial_matrix(W: np.ndarray) -> np.ndarray:
+    """``(Cin*kh, Cout*kw)`` matrix of the spatial decomposition (2-D kernels only)."""
+    cout, cin, kh, kw = W.shape
+    return W.transpose(1, 2, 0, 3).reshape(cin * kh, cout * kw)
+
+
+def spatial_weights(A: np.ndarray, B: np.ndarray, cin: int, cout: int, kh: int, kw: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Conv weights ``(r, Cin, kh, 1)`` and ``(Cout, r, 1, kw)`` from ``A (Cin*kh, r)``, ``B (r, Cout*kw)``."""
+    r = A.shape[1]
+    first = A.T.reshape(r, cin, kh, 1)
+    second = B.reshape(r, cout, kw).transpose(1, 0, 2).reshape(cout, r, 1, kw)
+    return first, second
+
+
+def spatial_params(cin: int, cout: int, kh: int, kw: int, r: int) -> int:
+    return r * (cin * kh + cout * kw)
+
+
+# -------------------------------------------------------------------------------------- Tucker-2
+
+
+def tucker2(W: np.ndarray, r_in: int, r_out: int, patch_gram: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tucker-2 of a conv weight: ``(first (r_in, Cin, 1…), core (r_out, r_in, *kernel), last (Cout, r_out, 1…))``.
+
+    Without data: HOSVD (input factor from the mode-Cin unfolding, output factor from the mode-Cout
+    unfolding of what remains). With ``patch_gram`` (the ``(Cin*K, Cin*K)`` Gram of the conv's im2col
+    patches) every step minimises the calibrated output error ``||X_patches (M - M')||``: the input
+    projection is the whitened SVD of the mode-Cin unfolding under the input channel Gram (the
+    patch Gram's tap-diagonal blocks, averaged); given it, the core is refitted by least squares
+    against the patch Gram (exact); given both, the output factor is the top-``r_out`` principal
+    subspace of the layer's approximated output (output PCA, exact). Exact when ``r_in = Cin`` and
+    ``r_out = Cout``.
+    """
+    cout, cin = W.shape[:2]
+    kernel = W.shape[2:]
+    K = kernel_size(W)
+    ones = (1,) * len(kernel)
+    # Mode-Cin unfolding as a "k x n" matrix: rows = input channels, columns = (out, taps).
+    M_in = W.transpose(1, 0, *range(2, W.ndim)).reshape(cin, -1)
+    if patch_gram is None:
+        Q, _ = np.linalg.qr(linalg.truncated_svd(M_in, r_in)[0])  # orthonormal basis of the kept inputs
+        P = Q.T  # the first conv computes z = P x
+        core_in = np.moveaxis(np.tensordot(W, Q, axes=([1], [0])), -1, 1)  # (Cout, r_in, *k)
+        U = np.linalg.svd(core_in.reshape(cout, -1), full_matrices=False)[0][:, :r_out]
+    else:
+        P = linalg.whitened_svd(M_in, _channel_gram(patch_gram, cin, K), r_in)[0].T
+        lifted = _lift(P.T, K)  # (Cin*K, r_in*K): patches -> projected patches
+        C = linalg.refit_output_factor(channel_matrix(W), lifted, patch_gram)  # (r_in*K, Cout)
+        core_in = C.T.reshape(cout, r_in, *kernel)
+        # Output PCA: the r_out directions holding most of the approximated output's energy.
+        H = lifted.T @ patch_gram @ lifted
+        U = np.linalg.eigh(C.T @ H @ C)[1][:, ::-1][:, :r_out]
+    core = np.tensordot(U.T, core_in, axes=([1], [0]))  # (r_out, r_in, *k)
+    return P.reshape(r_in, cin, *ones), core, U.reshape(cout, r_out, *ones)
+
+
+def _lift(A: np.ndarray, taps: int) -> np.ndarray:
+    """``A (Cin, r)`` acting on every tap of a patch: ``(Cin*taps, r*taps)`` with rows (c, t), columns
+    (a, t) — the first 1×1 conv seen from the patches of the conv after it."""
+    cin, r = A.shape
+    return np.einsum("ca,ts->ctas", A, np.eye(taps)).reshape(cin * taps, r * taps)
+
+
+def _channel_gram(G: np.ndarray, cin: int, K: int) -> np.ndarray:
+    """Gram of input pixels (c) from the patch Gram: its tap-diagonal blocks, averaged."""
+    return np.einsum("atbt->ab", G.reshape(cin, K, cin, K)) / K
+
+
+def vertical_gram(G: np.ndarray, cin: int, kh: int, kw: int) -> np.ndarray:
+    """Gram of vertical patches (c, i) from the im2col patch Gram (c, i, j): the blocks of equal
+    horizontal tap j, averaged."""
+    return np.einsum("aijbkj->aibk", G.reshape(cin, kh, kw, cin, kh, kw)).reshape(cin * kh, cin * kh) / kw
+
+
+def spatial_refit(W: np.ndarray, A: np.ndarray, patch_gram: np.ndarray) -> np.ndarray:
+    """Given the vertical factor ``A (Cin*kh, r)``, the horizontal factor ``B (r, Cout*kw)`` minimising
+    the calibrated output error of the whole conv, ``||X_patches (M - M'(A, B))||`` (least squares:
+    the composed weight is linear in B)."""
+    cout, cin, kh, kw = W.shape
+    r = A.shape[1]
+    # M'[(c,i,j), o] = sum_r A[(c,i), r] B[r, (o,j)]: rows (c,i,j), columns (r,j') of A ⊗ I_kw.
+    lifted = np.einsum("xr,js->xjrs", A, np.eye(kw)).reshape(cin * kh * kw, r * kw)
+    B_t = linalg.refit_output_factor(channel_matrix(W), lifted, patch_gram)  # (r*kw, Cout) rows (r, j)
+    return B_t.reshape(r, kw, cout).transpose(0, 2, 1).reshape(r, cout * kw)
+
+
+def tucker2_params(cin: int, cout: int, K: int, r_in: int, r_out: int) -> int:
+    return cin * r_in + r_in * r_out * K + r_out * cout
+
+
+# ----------------------------------------------------------------------------------- data rows
+
+
+def explicit_pads(spatial: tuple[int, ...], kernel: tuple[int, ...], strides, dilations, pads, auto_pad) -> list[int]:
+    """The pads (ONNX order) a Conv applies to an input of spatial shape ``spatial``, resolving
+    ``auto_pad`` (SAME_UPPER puts the odd extra pixel at the end, SAME_LOWER at the beginning)."""
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    d = len(kernel)
+    if auto_pad in ("NOTSET", "", None):
+        return list(pads) if pads else [0] * (2 * d)
+    if auto_pad == "VALID":
+        return [0] * (2 * d)
+    begin, end = [], []
+    for size, k, s, dl in zip(spatial, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max((out - 1) * s + (k - 1) * dl + 1 - size, 0)
+        small = total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else total - small)
+        end.append(total - begin[-1])
+    return begin + end
+
+
+def im2col(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...],
+           dilations: tuple[int, ...]) -> np.ndarray:
+    """Patches of ``x`` (N, C, *spatial) as rows ``(N * outputs, C * K)`` in channel-major, tap order —
+    the rows a Conv with these attributes multiplies by ``channel_matrix(W)``.
+
+    pads: ONNX order (begin_1, …, begin_d, end_1, …, end_d).
+    """
+    d = len(kernel)
+    x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
+    windows = np.lib.stride_tricks.sliding_window_view(
+        x, [dilations[i] * (kernel[i] - 1) + 1 for i in range(d)], axis=tuple(range(2, 2 + d)))
+    # windows: (N, C, *out_full, *window); take strided outputs and dilated taps
+    index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) + \
+        tuple(slice(None, None, dl) for dl in dilations)
+    windows = windows[index]  # (N, C, *out, *kernel)
+    n, c = windows.shape[:2]
+    out_axes = tuple(range(2, 2 + d))
+    tap_axes = tuple(range(2 + d, 2 + 2 * d))
+    rows = windows.transpose(0, *out_axes, 1, *tap_axes)
+    return rows.reshape(-1, c * int(np.prod(kernel)))

@@ -1,0 +1,162 @@
+"""Sequential factorization: the math (numpy), paired statistics (ORT), stages, the pass via the API,
+and rank allocation under ``target``."""
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxlr
+from onnxlr import linalg
+from onnxlr.errors import OnnxlrError
+from onnxlr.graph import count_parameters, import_graph
+from onnxlr.passes.factorize_matmul import find_layers
+from onnxlr.passes.factorize_sequential import layer_stages
+from onnxlr.runtimes.stats import CrossStats, PairedRuns
+from test_calibrated_pass import correlated_inputs, run
+
+
+def _drifted(n=400, k=20, seed=0):
+    rng = np.random.default_rng(seed)
+    X = correlated_inputs(n, k=k, seed=seed).astype(np.float64)
+    X_hat = X + 0.3 * rng.standard_normal(X.shape) @ rng.standard_normal((k, k)) / np.sqrt(k)
+    W = rng.standard_normal((k, 12))
+    return X, X_hat, W
+
+
+def test_sequential_target_whitened_is_the_reduced_rank_regression_optimum():
+    X, X_hat, W = _drifted()
+    G_hat, C = X_hat.T @ X_hat, X_hat.T @ X
+    target = linalg.sequential_target(W, G_hat, C, rel_eps=1e-12, ridge=0.0)
+    A, B = linalg.whitened_svd(target, G_hat, 4, rel_eps=1e-12)
+    # Independent closed form: least squares, then project the fitted outputs on their top-4 directions.
+    Y = X @ W
+    P_ls = np.linalg.lstsq(X_hat, Y, rcond=None)[0]
+    V = np.linalg.svd(X_hat @ P_ls)[2][:4].T
+    best = np.linalg.norm(X_hat @ P_ls @ V @ V.T - Y)
+    assert np.linalg.norm(X_hat @ A @ B - Y) == pytest.approx(best, rel=1e-8)
+    # and the one-shot fit (whitened on X, blind to the drift) is worse on the drifted input
+    A1, B1 = linalg.whitened_svd(W, X.T @ X, 4)
+    assert np.linalg.norm(X_hat @ A1 @ B1 - Y) > 1.01 * best
+
+
+def test_sequential_target_without_drift_is_the_weight():
+    X, _, W = _drifted()
+    G = X.T @ X
+    np.testing.assert_allclose(linalg.sequential_target(W, G, G), W, atol=1e-12)
+
+
+def test_cross_stats_accumulate_paired_rows():
+    X, X_hat, _ = _drifted(n=50, k=6)
+    cs = CrossStats.zeros(6)
+    cs.update(X[:20], X_hat[:20])
+    cs.update(X[20:], X_hat[20:])
+    np.testing.assert_allclose(cs.cross, X_hat.T @ X)
+    np.testing.assert_allclose(cs.centered_cross, (X_hat - X_hat.mean(0)).T @ (X - X.mean(0)), atol=1e-9)
+    np.testing.assert_allclose(cs.ref.gram, X.T @ X)
+    np.testing.assert_allclose(cs.hat.sum, X_hat.sum(0))
+    with pytest.raises(ValueError):
+        cs.update(X[:3], X_hat[:2])
+
+
+def test_paired_runs_see_the_compressed_models_activations(mlp_proto):
+    x = correlated_inputs(32, seed=4)
+    compressed, _ = onnxlr.optimize(mlp_proto, rank_ratio=0.25, validate=False)
+    runs = PairedRuns([{"x": x[:16]}, {"x": x[16:]}])
+    stats = runs.collect(mlp_proto, compressed, ["h2", "x"])
+    # Reference rows: the original hidden layer; compressed rows: the factorized one's.
+    hidden = lambda m: run(_expose(m, "h2"), x)  # noqa: E731
+    np.testing.assert_allclose(stats["h2"].ref.sum, hidden(mlp_proto).sum(0), rtol=1e-4)
+    np.testing.assert_allclose(stats["h2"].hat.sum, hidden(compressed).sum(0), rtol=1e-4)
+    assert not np.allclose(stats["h2"].ref.sum, stats["h2"].hat.sum)
+    np.testing.assert_allclose(stats["x"].cross, x.T.astype(np.float64) @ x, rtol=1e-5)
+
+
+def _expose(model, name):
+    out = type(model)()
+    out.CopyFrom(model)
+    del out.graph.output[:]
+    out.graph.output.extend([helper.make_tensor_value_info(name, TensorProto.FLOAT, None)])
+    return out
+
+
+def _chain(depth=3, width=16):
+    """x -> (MatMul, Relu) * depth, plus a branch reading x again at the end (stage 0 though last)."""
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i in range(depth):
+        inits.append(numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32), f"W{i}"))
+        nodes += [helper.make_node("MatMul", [prev, f"W{i}"], [f"m{i}"], name=f"mm{i}"),
+                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}")]
+        prev = f"r{i}"
+    inits.append(numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32), "Wskip"))
+    nodes += [helper.make_node("MatMul", ["x", "Wskip"], ["s"], name="skip"),
+              helper.make_node("Add", [prev, "s"], ["y"], name="join")]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_stages_count_factorizable_layers_upstream():
+    graph = import_graph(_chain())
+    layers, _ = find_layers(graph)
+    stages = [[layer.node.name for layer in stage] for stage in layer_stages(graph, layers)]
+    assert sorted(stages[0]) == ["mm0", "skip"] and stages[1:] == [["mm1"], ["mm2"]]
+
+
+def test_sequential_is_exact_at_full_rank_and_helps_on_the_calibration_data(mlp_proto):
+    calib = [{"x": correlated_inputs(256, seed=1)}]
+    x = calib[0]["x"]
+    full, report = onnxlr.optimize(mlp_proto, calib=calib, sequential=True, rank_ratio=1.0, force=True,
+                                   validate=False)
+    assert report.pass_named("factorize_matmul").config["sequential"] and len(report.pass_named("factorize_matmul").rewritten) == 2
+    np.testing.assert_allclose(run(full, x), run(mlp_proto, x), rtol=1e-3, atol=1e-4)
+    ref = run(mlp_proto, x)
+    err = {}
+    for sequential in (False, True):
+        out, _ = onnxlr.optimize(mlp_proto, calib=calib, ranks={"fc1": 3, "fc2": 3}, sequential=sequential,
+                                 validate=False)
+        err[sequential] = np.linalg.norm(run(out, x) - ref)
+    assert err[True] < err[False]
+
+
+def test_sequential_needs_a_data_aware_method(mlp_proto):
+    with pytest.raises(OnnxlrError, match="data-aware"):
+        onnxlr.optimize(mlp_proto, sequential=True, rank_ratio=0.5, validate=False)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_target_params_is_met_and_spends_the_budget_where_it_hurts_least(mlp_proto, sequential):
+    calib = [{"x": correlated_inputs(128, seed=1)}]
+    total = count_parameters(mlp_proto)
+    out, report = onnxlr.optimize(mlp_proto, calib=calib, target="params=0.7", sequential=sequential,
+                                  validate=False)
+    assert count_parameters(out) <= 0.7 * total
+    assert count_parameters(out) > 0.6 * total  # the budget is spent, not undershot
+    ranks = {c.node: c.details.get("rank") for c in report.pass_named("factorize_matmul").layers}
+    assert set(ranks) == {"fc1", "fc2"}
+
+
+def test_target_errors(mlp_proto):
+    calib = [{"x": correlated_inputs(64, seed=1)}]
+    cases = [("params", "malformed"), ("bytes=0.5", "unknown --target kind"), ("params=x", "not a number"),
+             ("params=1.5", r"share in \(0, 1\]"), ("params=0.01", "out of reach|below the smallest")]
+    for spec, needle in cases:
+        with pytest.raises(OnnxlrError, match=needle):
+            onnxlr.optimize(mlp_proto, calib=calib, target=spec, validate=False)
+    with pytest.raises(OnnxlrError, match="one of"):
+        onnxlr.optimize(mlp_proto, calib=calib, target="params=0.5", rank_ratio=0.5, validate=False)
+
+
+def test_cli_target_and_sequential(mlp_path, tmp_path, capsys):
+    from onnxlr.cli import main
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=correlated_inputs(64, seed=5))
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(mlp_path), "-o", str(out), "--calib", str(calib), "--target", "params=0.6",
+                 "--sequential", "--repeats", "2", "--dim", "batch=4"]) == 0
+    assert out.exists()
+    capsys.readouterr()
+    code = main(["optimize", str(mlp_path), "-o", str(tmp_path / "x.onnx"), "--target", "params=0.6",
+                 "--rank-ratio", "0.5"])
+    assert code == 2
