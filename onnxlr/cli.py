@@ -86,6 +86,8 @@ def _add_rank_options(p: argparse.ArgumentParser) -> None:
                         "error), channel, spatial, tucker2, or none (default auto)")
     p.add_argument("--conv-ratio", type=_ratio, metavar="F",
                    help=f"share of each conv's parameters its replacement may keep (default {api.DEFAULT_CONV_RATIO})")
+    p.add_argument("--rank-multiple", type=int, default=8, metavar="N",
+                   help="round conv ranks down to a multiple of N (default 8; 1 = no rounding)")
     p.add_argument("--latency-guard", action="store_true",
                    help="keep a conv rewrite only if ONNX Runtime runs it faster at the layer's input shape "
                         "(measured on the first provider, cached on disk)")
@@ -156,7 +158,7 @@ def _emit(report, args) -> None:
 def cmd_optimize(args) -> int:
     if Path(args.output).resolve() == Path(args.model).resolve():
         raise OnnxlrError(f"output path {args.output} is the input model; choose another path")
-    for name in ("threads", "batch_size", "repeats"):
+    for name in ("threads", "batch_size", "repeats", "rank_multiple"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise OnnxlrError(f"--{name.replace('_', '-')} must be at least 1")
     if args.no_validate and args.max_error is not None:
@@ -167,7 +169,8 @@ def cmd_optimize(args) -> int:
     optimized, report = api.optimize(
         args.model, calib=args.calib, calib_samples=args.calib_samples, method=args.method,
         rank_ratio=args.rank_ratio, energy=args.energy, target=args.target, sequential=args.sequential,
-        conv=args.conv, conv_ratio=args.conv_ratio, latency_guard=args.latency_guard,
+        conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
+        latency_guard=args.latency_guard,
         ranks=_parse_ranks(args.rank),
         force=args.force, embeddings=args.embeddings, validate=not args.no_validate, **_validation_kwargs(args))
     if report.passed is False:
@@ -222,7 +225,8 @@ def cmd_demo(args) -> int:
     optimized, report = api.optimize(
         model_path, calib=args.calib or calib_npz, calib_samples=args.calib_samples, method=args.method,
         rank_ratio=args.rank_ratio, energy=args.energy, target=args.target, sequential=args.sequential,
-        conv=args.conv, conv_ratio=args.conv_ratio, latency_guard=args.latency_guard,
+        conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
+        latency_guard=args.latency_guard,
         ranks=_parse_ranks(args.rank),
         force=args.force, embeddings=args.embeddings, providers=args.providers, inputs=eval_npz)
     api.write(optimized, output, source=model_path)
