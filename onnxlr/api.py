@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from pathlib import Path
@@ -29,7 +30,7 @@ from onnxlr.runtimes.providers import default_threads, parse_providers
 from onnxlr.runtimes.sensitivity import output_sensitivity
 from onnxlr.runtimes.latency_guard import LatencyGuard
 from onnxlr.runtimes.stats import PairedRuns, collect_stats, collect_unfolded_stats
-from onnxlr.runtimes.validate import validate_models
+from onnxlr.runtimes.validate import calibration_output_error, validate_models
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 InputsLike = str | os.PathLike | Mapping[str, np.ndarray] | None
@@ -210,6 +211,32 @@ def input_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) 
     return shapes
 
 
+def choose_allocation(model: onnx.ModelProto, config: FactorizeMatMulConfig, stats, sensitivity,
+                      calib: CalibLike, *, samples: int | None = None, batch_size: int = 8,
+                      threads: int | None = None) -> dict[str, Any]:
+    """Ranks for ``config.param_budget``: the knapsack allocation or the uniform one (every layer
+    keeps the same share of its parameters), whichever gives the smaller end-to-end output error on
+    the calibration data. Returns ``{"ranks", "allocator", "calib_output_error": {allocator: error}}``;
+    ranks are keyed by weight name, 0 for a layer left dense."""
+    layers, _ = find_layers(import_graph(model))
+    weights = {layer.weight.name: layer.W.shape for layer in layers}
+    share = config.param_budget / sum(k * n for k, n in weights.values())
+    options = {
+        "knapsack": {name: rank or 0 for (name, _), rank in
+                     FactorizeMatMul(config, stats, sensitivity).allocate(layers).items()},
+        "uniform": {name: max(1, int(share * k * n / (k + n))) for name, (k, n) in weights.items()},
+    }
+    built = {}
+    for allocator, ranks in options.items():
+        fixed = dataclasses.replace(config, param_budget=None, ranks={**ranks, **config.ranks})
+        built[allocator] = PassManager([FactorizeMatMul(fixed, stats, sensitivity)]).run(model)[0].SerializeToString()
+    errors = calibration_output_error(model.SerializeToString(), built,
+                                      calibration_batches(calib, model, samples=samples, batch_size=batch_size),
+                                      mask_input=find_mask_input(model, None), threads=threads or default_threads())
+    best = min(errors, key=errors.get)
+    return {"ranks": options[best], "allocator": best, "calib_output_error": errors}
+
+
 def output_sensitivities(model: onnx.ModelProto, calib: CalibLike, *, samples: int = SENSITIVITY_SAMPLES,
                          batch_size: int = 8, mask: str | None = None, threads: int | None = None,
                          probes: int = SENSITIVITY_PROBES) -> dict[str, np.ndarray]:
@@ -332,7 +359,7 @@ def optimize(
     stats, counts, sensitivity = None, {}, None
     if (method == "fisher" or sequential) and isinstance(calib, Iterator):
         calib = list(calib)  # read more than once (statistics, sensitivities, stages): a one-shot iterator is kept
-    if calib is not None and (not sequential or embeddings or param_budget is not None):
+    if calib is not None and (not sequential or embeddings or param_budget is not None):  # one-shot statistics
         stats, counts = calibration_stats(work, calib, samples=calib_samples, batch_size=batch_size,
                                           threads=threads, embeddings=embeddings)
     conv_stats = conv_patch_stats(work, calib, samples=calib_samples, batch_size=batch_size,
@@ -341,9 +368,17 @@ def optimize(
         sensitivity = output_sensitivities(work, calib, samples=min(calib_samples or SENSITIVITY_SAMPLES,
                                                                         SENSITIVITY_SAMPLES),
                                            batch_size=batch_size, threads=threads)
+    allocation = None
+    if param_budget is not None and calib is not None:
+        # Two allocations of the same budget, judged end to end on the calibration data: the knapsack
+        # (least summed calibrated layer error) wins at light compression, the uniform split can win
+        # at heavy compression, where layer errors compound (docs/benchmarks.md).
+        allocation = choose_allocation(work, config, stats, sensitivity, calib, samples=calib_samples,
+                                       batch_size=batch_size, threads=threads)
+        config = dataclasses.replace(config, param_budget=None, ranks={**allocation["ranks"], **config.ranks})
     if sequential:
         collect = paired_collector(work, calib, samples=calib_samples, batch_size=batch_size, threads=threads)
-        passes = [FactorizeMatMulSequential(config, collect, sensitivity, stats=stats)]
+        passes = [FactorizeMatMulSequential(config, collect, sensitivity)]
     else:
         passes = [FactorizeMatMul(config, stats, sensitivity)]
     if convs:
@@ -359,6 +394,9 @@ def optimize(
             rank_ratio=rank_ratio, energy=energy, ranks=table_ranks, force=force), counts))
     optimized, records = PassManager(passes).run(work)
     records = [record for record in folded if record.layers] + records
+    if allocation is not None:
+        records[len(records) - len(passes)].config["allocation"] = {
+            k: v for k, v in allocation.items() if k != "ranks"}
     try:
         io.check_model(optimized)
     except Exception as exc:  # a broken rewrite is a bug in onnxlr, not a user error

@@ -39,8 +39,8 @@ def _parse_ranks(items: list[str] | None) -> dict[str, int]:
     ranks = {}
     for item in items or []:
         name, sep, value = item.rpartition("=")
-        if not sep or not name or not value.isdigit() or int(value) < 1:
-            raise OnnxlrError(f"malformed --rank {item!r}: expected LAYER=POSITIVE_INTEGER")
+        if not sep or not name or not value.isdigit():
+            raise OnnxlrError(f"malformed --rank {item!r}: expected LAYER=INTEGER (0 keeps the layer dense)")
         ranks[name] = int(value)
     return ranks
 
@@ -80,7 +80,7 @@ def _add_rank_options(p: argparse.ArgumentParser) -> None:
                    help="data-aware methods: fit each layer to the input the already-compressed layers "
                         "give it (one calibration pass per stage of layers; slower)")
     p.add_argument("--rank", action="append", metavar="LAYER=R",
-                   help="rank for one layer (node or weight name); repeatable; overrides the rule")
+                   help="rank for one layer (node or weight name), 0 to keep it dense; repeatable; overrides the rule")
     p.add_argument("--conv", choices=("auto", *DECOMPOSITIONS, "none"), default="auto",
                    help="Conv factorization: auto (per layer, the decomposition with the lowest calibrated "
                         "error), channel, spatial, tucker2, or none (default auto)")

@@ -268,6 +268,10 @@ class FactorizeConv:
             gram = None if st is None else st.centered_gram
             override = next((int(self.config.ranks[k]) for k in (layer.node.name, layer.weight.name)
                              if k in self.config.ranks), None)
+            if override == 0:
+                record.layers.append(LayerChange(layer.node.name, layer.node.op, "skipped",
+                                                 "kept dense by the rank allocation (rank 0)"))
+                continue
             found = candidates(layer.W.astype(np.float64), kinds, self.config.param_ratio * params, override,
                                self.config.rank_multiple, gram)
             details = {"weight": layer.weight.name, "shape": list(layer.W.shape), "params": params,

@@ -74,7 +74,8 @@ class FactorizeMatMulConfig:
         allocated across layers (``onnxlr.allocation``) to minimise the summed truncation error the
         method's spectrum predicts (for ``whitened`` the calibrated output error), some layers
         possibly staying dense.
-    ranks : per-layer ranks keyed by node name or weight name; they take precedence.
+    ranks : per-layer ranks keyed by node name or weight name; they take precedence; 0 keeps the
+        layer dense.
     force : rewrite even when the rank would not save parameters (used to test exactness).
     refit : data-aware methods: refit B to the layer's true output after truncation.
     bias_correction : data-aware methods: fold the mean output error into the bias.
@@ -101,8 +102,9 @@ class FactorizeMatMulConfig:
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise OnnxlrError(f"energy must be in (0, 1], got {self.energy}")
         for name, rank in self.ranks.items():
-            if int(rank) != rank or rank < 1:
-                raise OnnxlrError(f"rank for layer {name!r} must be a positive integer, got {rank}")
+            if int(rank) != rank or rank < 0:
+                raise OnnxlrError(f"rank for layer {name!r} must be a non-negative integer (0 keeps it dense), "
+                                  f"got {rank}")
 
 
 @dataclass
@@ -346,12 +348,12 @@ class FactorizeMatMul:
             st, sensitivity, spectrum, make_factors = decompositions[key]
             k, n = layer.W.shape
             if allocated is not None and _override(self.config, layer) is None:
-                rank = allocated[key]
-                if rank is None:
-                    record.layers.append(kept_dense(layer))
-                    continue
+                rank = allocated[key] or 0
             else:
                 rank = self.choose_rank(layer, spectrum)
+            if rank == 0:
+                record.layers.append(kept_dense(layer))
+                continue
             details = {
                 "weight": layer.weight.name,
                 "shape": [k, n],
@@ -432,7 +434,7 @@ def _method_used(method: str, st: TensorStats | None, sensitivity: np.ndarray | 
 def kept_dense(layer: Layer) -> LayerChange:
     """The record of a layer the parameter-budget allocation leaves dense."""
     k, n = layer.W.shape
-    return LayerChange(layer.node.name, layer.node.op, "skipped", "kept dense by the parameter budget allocation",
+    return LayerChange(layer.node.name, layer.node.op, "skipped", "kept dense by the rank allocation (rank 0)",
                        {"weight": layer.weight.name, "shape": [k, n], "params": k * n})
 
 

@@ -24,7 +24,6 @@ stage (24 on a 6-block transformer).
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 from typing import Callable, Mapping, Sequence
 
@@ -33,9 +32,9 @@ import onnx_graphsurgeon as gs
 
 from onnxlr.errors import OnnxlrError
 from onnxlr.passes.factorize_matmul import (DATA_AWARE, FactorizeMatMul, FactorizeMatMulConfig, Layer,
-                                            check_rank_names, find_layers, kept_dense)
+                                            check_rank_names, find_layers)
 from onnxlr.pipeline import PassRecord, config_dict
-from onnxlr.runtimes.stats import CrossStats, TensorStats
+from onnxlr.runtimes.stats import CrossStats
 
 # (current graph, {tensor name: dtype}) -> paired statistics of those tensors, original vs current graph
 CollectPaired = Callable[[gs.Graph, Mapping[str, np.dtype]], Mapping[str, CrossStats]]
@@ -73,46 +72,31 @@ class FactorizeMatMulSequential:
     collect : ``(graph, tensors) -> {tensor: CrossStats}`` for the current state of ``graph``
         (``api`` builds it from ``runtimes.stats.PairedRuns``).
     sensitivity : as for ``FactorizeMatMul`` (``fisher``), measured on the original model.
-    stats : one-shot statistics of the original model, needed with ``config.param_budget``: the ranks
-        are allocated from them up front (allocation needs every layer's spectrum at once), then
-        each stage is fitted sequentially at its allocated rank.
+    A parameter budget is allocated before (``api.choose_allocation``) and arrives as per-layer ranks:
+    allocation needs every layer's spectrum at once.
     """
 
     name = "factorize_matmul"
 
     def __init__(self, config: FactorizeMatMulConfig, collect: CollectPaired,
-                 sensitivity: Mapping[str, np.ndarray] | None = None,
-                 stats: Mapping[str, TensorStats] | None = None):
+                 sensitivity: Mapping[str, np.ndarray] | None = None):
+        if config.param_budget is not None:
+            raise OnnxlrError("sequential factorization takes allocated per-layer ranks, not a parameter budget")
         if config.method not in DATA_AWARE:
             raise OnnxlrError(f"sequential factorization needs a data-aware method, not {config.method!r}")
         self.config = config
         self.collect = collect
         self.sensitivity = sensitivity
-        self.stats = stats
 
     def run(self, graph: gs.Graph) -> PassRecord:
         record = PassRecord(self.name, {**config_dict(self.config), "sequential": True})
         layers, skipped = find_layers(graph)
         record.layers.extend(skipped)
         check_rank_names(self.config, layers)
-        config = self.config
-        dense: set = set()
-        if config.param_budget is not None:
-            if self.stats is None:
-                raise OnnxlrError("sequential factorization under a parameter budget needs one-shot statistics")
-            allocated = FactorizeMatMul(config, self.stats, self.sensitivity).allocate(layers)
-            dense = {key for key, rank in allocated.items() if rank is None}
-            config = dataclasses.replace(config, param_budget=None, ranks={
-                **{name: rank for (name, _), rank in allocated.items() if rank is not None}, **config.ranks})
-            record.layers.extend(kept_dense(layer) for layer in layers
-                                 if (layer.weight.name, layer.transposed) in dense)
         for stage in layer_stages(graph, layers):
-            keys = {(layer.weight.name, layer.transposed) for layer in stage} - dense
-            if not keys:
-                continue
-            stage = [layer for layer in stage if (layer.weight.name, layer.transposed) in keys]
+            keys = {(layer.weight.name, layer.transposed) for layer in stage}
             cross = self.collect(graph, {layer.node.inputs[0].name: layer.W.dtype for layer in stage})
-            fitted = FactorizeMatMul(config, sensitivity=self.sensitivity, cross=cross, only=keys)
+            fitted = FactorizeMatMul(self.config, sensitivity=self.sensitivity, cross=cross, only=keys)
             record.layers.extend(fitted.run(graph).layers)
             graph.cleanup()
         return record

@@ -251,10 +251,17 @@ def test_npz_missing_file(capsys, mlp_path, out_path, tmp_path):
 # Error paths: rank rules and tolerance
 
 
-@pytest.mark.parametrize("rank", ["fc1", "fc1=", "fc1=x", "=3", "fc1=0", "fc1=-2", "fc1=1.5"])
+@pytest.mark.parametrize("rank", ["fc1", "fc1=", "fc1=x", "=3", "fc1=-2", "fc1=1.5"])
 def test_malformed_rank(capsys, mlp_path, out_path, tmp_path, rank):
     _usage_error(capsys, ["optimize", mlp_path, "-o", out_path, f"--rank={rank}"], "malformed --rank",
                  repr(rank), folder=tmp_path)
+
+
+def test_rank_zero_keeps_a_layer_dense(capsys, mlp_path, out_path):
+    assert main(["optimize", str(mlp_path), "-o", str(out_path), "--rank", "fc1=0", "--rank", "fc2=4", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "kept dense by the rank allocation (rank 0)" in out and "[fc1]" in out
+    assert [n.op_type for n in onnx.load(out_path).graph.node].count("MatMul") == 1
 
 
 def test_rank_naming_no_layer(capsys, mlp_path, out_path, tmp_path):

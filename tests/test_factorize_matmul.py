@@ -197,4 +197,5 @@ def test_config_validation():
     with pytest.raises(OnnxlrError):
         FactorizeMatMulConfig(rank_ratio=0.0)
     with pytest.raises(OnnxlrError):
-        FactorizeMatMulConfig(ranks={"a": 0})
+        FactorizeMatMulConfig(ranks={"a": -1})
+    assert FactorizeMatMulConfig(ranks={"a": 0}).ranks == {"a": 0}  # 0 keeps the layer dense
