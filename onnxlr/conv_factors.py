@@ -106,6 +106,7 @@ def tucker2(W: np.ndarray, r_in: int, r_out: int, patch_gram: np.ndarray | None 
     else:
         P = linalg.whitened_svd(M_in, _channel_gram(patch_gram, cin, K), r_in)[0].T
         lifted = _lift(P.T, K)  # (Cin*K, r_in*K): patches -> projected patches
+        patch_gram = clamped(patch_gram)
         C = linalg.refit_output_factor(channel_matrix(W), lifted, patch_gram)  # (r_in*K, Cout)
         core_in = C.T.reshape(cout, r_in, *kernel)
         # Output PCA: the r_out directions holding most of the approximated output's energy.
@@ -113,6 +114,15 @@ def tucker2(W: np.ndarray, r_in: int, r_out: int, patch_gram: np.ndarray | None 
         U = np.linalg.eigh(C.T @ H @ C)[1][:, ::-1][:, :r_out]
     core = np.tensordot(U.T, core_in, axes=([1], [0]))  # (r_out, r_in, *k)
     return P.reshape(r_in, cin, *ones), core, U.reshape(cout, r_out, *ones)
+
+
+def clamped(G: np.ndarray) -> np.ndarray:
+    """``G`` with its eigenvalues floored at ``1e-6 * max`` (``linalg.clamped_eigh``): a least-squares
+    refit against the raw Gram of a few calibration images is free along directions the data never
+    excite and drifts arbitrarily there (measured: PP-OCR det at *full* rank lost all agreement);
+    against the clamped one the full-rank refit is the weight itself."""
+    lam, Q = linalg.clamped_eigh(G)
+    return (Q * lam) @ Q.T
 
 
 def _lift(A: np.ndarray, taps: int) -> np.ndarray:
@@ -141,7 +151,7 @@ def spatial_refit(W: np.ndarray, A: np.ndarray, patch_gram: np.ndarray) -> np.nd
     r = A.shape[1]
     # M'[(c,i,j), o] = sum_r A[(c,i), r] B[r, (o,j)]: rows (c,i,j), columns (r,j') of A ⊗ I_kw.
     lifted = np.einsum("xr,js->xjrs", A, np.eye(kw)).reshape(cin * kh * kw, r * kw)
-    B_t = linalg.refit_output_factor(channel_matrix(W), lifted, patch_gram)  # (r*kw, Cout) rows (r, j)
+    B_t = linalg.refit_output_factor(channel_matrix(W), lifted, clamped(patch_gram))  # (r*kw, Cout) rows (r, j)
     return B_t.reshape(r, kw, cout).transpose(0, 2, 1).reshape(r, cout * kw)
 
 

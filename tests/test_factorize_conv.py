@@ -242,3 +242,18 @@ def test_onnx_backend_light_models_stay_equal_at_full_rank(index, name):
     assert {change.details["decomposition"] for change in record.rewritten} == {decomposition}
     for output in report.validation.providers[0].outputs:
         assert output.rel_l2 < 1e-4, (name, output)
+
+
+@pytest.mark.parametrize("decomposition", ["channel", "spatial", "tucker2"])
+def test_data_aware_full_rank_is_exact_where_calibration_data_never_reach(decomposition):
+    # Calibration images use 2 of 6 channels: the patch Gram is rank deficient. The fit must still
+    # reproduce the conv on inputs that use every channel (a raw-Gram refit drifts there).
+    rng = np.random.default_rng(7)
+    W = rng.standard_normal((8, 6, 3, 3))
+    model = conv_model(W, rng.standard_normal(8), size=(8, 8), pads=[1, 1, 1, 1])
+    calib = np.zeros((4, 6, 8, 8), np.float32)
+    calib[:, :2] = rng.standard_normal((4, 2, 8, 8))
+    x = rng.standard_normal((2, 6, 8, 8)).astype(np.float32)
+    optimized, _ = onnxlr.optimize(model, calib=[{"x": calib}], conv=decomposition, ranks={"conv": 10**6},
+                                   force=True, rank_multiple=1, validate=False)
+    np.testing.assert_allclose(run(optimized, x), run(model, x), rtol=1e-3, atol=1e-3)
