@@ -82,8 +82,6 @@ def variants(model, stats, sensitivity, calib):
         out["whitened+seq", level] = onnxlr.optimize(model, calib=calib, ranks=ranks, sequential=True,
                                                      validate=False)[0]
         SEQUENTIAL_SECONDS.append(time.perf_counter() - start)
-        out[label + "+seq", level] = onnxlr.optimize(model, calib=calib, ranks=chosen["ranks"], sequential=True,
-                                                     validate=False)[0]
     return out
 
 

@@ -268,6 +268,7 @@ def optimize(
     conv: str = "auto",
     conv_ratio: float | None = None,
     rank_multiple: int = 8,
+    conv_max_error: float | None = None,
     latency_guard: bool = False,
     embeddings: bool = False,
     providers: str | Sequence[str] = ("cpu",),
@@ -308,6 +309,8 @@ def optimize(
     conv_ratio : share of each conv's parameters its replacement may keep (default 0.5; with
         ``target`` and no ``conv_ratio`` the convs are left alone: the target allocates MatMul/Gemm ranks).
     rank_multiple : conv ranks are rounded down to a multiple of this (SIMD-friendly widths); 1 = exact.
+    conv_max_error : leave a conv dense when its best candidate's relative output error on the
+        calibration data (weight error without data) exceeds this.
     latency_guard : keep a conv rewrite only if it runs faster in ONNX Runtime on the first provider,
         measured at the layer's input shape (symbolic dimensions from ``dims``, batch 1 otherwise).
     embeddings : also factorize embedding tables (Gather on a constant [vocab, d] table) under the
@@ -387,7 +390,8 @@ def optimize(
             guard = LatencyGuard(input_shapes(work, dims), provider=parse_providers(providers)[0],
                                  threads=threads or default_threads())
         conv_config = FactorizeConvConfig(decomposition=conv, param_ratio=conv_ratio or DEFAULT_CONV_RATIO,
-                                          ranks=conv_ranks, rank_multiple=rank_multiple, force=force)
+                                          ranks=conv_ranks, rank_multiple=rank_multiple,
+                                          max_layer_error=conv_max_error, force=force)
         passes.append(FactorizeConv(conv_config, conv_stats, guard))
     if embeddings:
         passes.append(FactorizeEmbedding(FactorizeEmbeddingConfig(

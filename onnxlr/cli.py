@@ -88,6 +88,9 @@ def _add_rank_options(p: argparse.ArgumentParser) -> None:
                    help=f"share of each conv's parameters its replacement may keep (default {api.DEFAULT_CONV_RATIO})")
     p.add_argument("--rank-multiple", type=int, default=8, metavar="N",
                    help="round conv ranks down to a multiple of N (default 8; 1 = no rounding)")
+    p.add_argument("--conv-max-error", type=float, metavar="E",
+                   help="leave a conv dense when its best decomposition's relative output error on the "
+                        "calibration data exceeds E")
     p.add_argument("--latency-guard", action="store_true",
                    help="keep a conv rewrite only if ONNX Runtime runs it faster at the layer's input shape "
                         "(measured on the first provider, cached on disk)")
@@ -170,7 +173,7 @@ def cmd_optimize(args) -> int:
         args.model, calib=args.calib, calib_samples=args.calib_samples, method=args.method,
         rank_ratio=args.rank_ratio, energy=args.energy, target=args.target, sequential=args.sequential,
         conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
-        latency_guard=args.latency_guard,
+        conv_max_error=args.conv_max_error, latency_guard=args.latency_guard,
         ranks=_parse_ranks(args.rank),
         force=args.force, embeddings=args.embeddings, validate=not args.no_validate, **_validation_kwargs(args))
     if report.passed is False:
@@ -226,7 +229,7 @@ def cmd_demo(args) -> int:
         model_path, calib=args.calib or calib_npz, calib_samples=args.calib_samples, method=args.method,
         rank_ratio=args.rank_ratio, energy=args.energy, target=args.target, sequential=args.sequential,
         conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
-        latency_guard=args.latency_guard,
+        conv_max_error=args.conv_max_error, latency_guard=args.latency_guard,
         ranks=_parse_ranks(args.rank),
         force=args.force, embeddings=args.embeddings, providers=args.providers, inputs=eval_npz)
     api.write(optimized, output, source=model_path)

@@ -51,7 +51,10 @@ class FactorizeConvConfig:
     param_ratio : share of each conv's parameters the replacement may keep.
     ranks : per-layer rank (node or weight name) overriding the budget: the rank of channel/spatial
         SVD, or both ranks of Tucker-2 (capped at Cin and Cout).
-    rank_multiple : round ranks down to a multiple of this (8 or 16 suit SIMD kernels); 1 = no rounding.
+    rank_multiple : round ranks down to a multiple of this (8 or 16 suit SIMD kernels) when that keeps at
+        least 90% of the rank; 1 = no rounding.
+    max_layer_error : leave a conv dense when every candidate's error (calibrated output error with
+        statistics, relative weight error without) is above this bound; None = no bound.
     force : rewrite even when a rank would not save parameters (used to test exactness).
     """
 
@@ -59,6 +62,7 @@ class FactorizeConvConfig:
     param_ratio: float = 0.5
     ranks: dict[str, int] = field(default_factory=dict)
     rank_multiple: int = 8
+    max_layer_error: float | None = None
     force: bool = False
 
     def __post_init__(self):
@@ -152,10 +156,11 @@ class Candidate:
 
 
 def _round(r: float, multiple: int, cap: int) -> int:
-    r = int(min(math.floor(r), cap))
-    if r >= multiple:
-        r -= r % multiple
-    return max(1, r)
+    """Rank ``r`` rounded down to a multiple of ``multiple`` — unless that gives up more than 10% of
+    it (small layers: rank 15 would become 8), then ``r`` itself."""
+    r = max(1, int(min(math.floor(r), cap)))
+    aligned = r - r % multiple
+    return aligned if aligned >= 0.9 * r else r
 
 
 def candidates(W: np.ndarray, decompositions, budget: float | None, override: int | None, multiple: int,
@@ -283,6 +288,14 @@ class FactorizeConv:
                 record.layers.append(LayerChange(layer.node.name, layer.node.op, "skipped",
                                                  "no decomposition within the budget saves parameters", details))
                 continue
+            bound = self.config.max_layer_error
+            if bound is not None and min(c.error for c in useful) > bound:
+                record.layers.append(LayerChange(
+                    layer.node.name, layer.node.op, "skipped",
+                    f"every decomposition within the budget errs above {bound:g} on this layer", details))
+                continue
+            if bound is not None:
+                useful = [c for c in useful if c.error <= bound]
             useful.sort(key=lambda c: c.error)
             best = useful[0]
             if self.accept is not None:  # the most accurate candidate that is also faster
