@@ -213,23 +213,26 @@ def input_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) 
 
 def choose_allocation(model: onnx.ModelProto, config: FactorizeMatMulConfig, stats, sensitivity,
                       calib: CalibLike, *, samples: int | None = None, batch_size: int = 8,
-                      threads: int | None = None) -> dict[str, Any]:
+                      threads: int | None = None, cache: dict | None = None) -> dict[str, Any]:
     """Ranks for ``config.param_budget``: the knapsack allocation or the uniform one (every layer
     keeps the same share of its parameters), whichever gives the smaller end-to-end output error on
     the calibration data. Returns ``{"ranks", "allocator", "calib_output_error": {allocator: error}}``;
-    ranks are keyed by weight name, 0 for a layer left dense."""
+    ranks are keyed by weight name, 0 for a layer left dense. ``cache``: see ``FactorizeMatMul`` (pass
+    the same dict to the final pass to reuse the decompositions)."""
+    cache = {} if cache is None else cache
     layers, _ = find_layers(import_graph(model))
     weights = {layer.weight.name: layer.W.shape for layer in layers}
     share = config.param_budget / sum(k * n for k, n in weights.values())
     options = {
         "knapsack": {name: rank or 0 for (name, _), rank in
-                     FactorizeMatMul(config, stats, sensitivity).allocate(layers).items()},
+                     FactorizeMatMul(config, stats, sensitivity, cache=cache).allocate(layers).items()},
         "uniform": {name: max(1, int(share * k * n / (k + n))) for name, (k, n) in weights.items()},
     }
     built = {}
     for allocator, ranks in options.items():
         fixed = dataclasses.replace(config, param_budget=None, ranks={**ranks, **config.ranks})
-        built[allocator] = PassManager([FactorizeMatMul(fixed, stats, sensitivity)]).run(model)[0].SerializeToString()
+        built[allocator] = PassManager([FactorizeMatMul(fixed, stats, sensitivity, cache=cache)]).run(model)[0] \
+            .SerializeToString()
     errors = calibration_output_error(model.SerializeToString(), built,
                                       calibration_batches(calib, model, samples=samples, batch_size=batch_size),
                                       mask_input=find_mask_input(model, None), threads=threads or default_threads())
@@ -371,19 +374,19 @@ def optimize(
         sensitivity = output_sensitivities(work, calib, samples=min(calib_samples or SENSITIVITY_SAMPLES,
                                                                         SENSITIVITY_SAMPLES),
                                            batch_size=batch_size, threads=threads)
-    allocation = None
+    allocation, cache = None, {}
     if param_budget is not None and calib is not None:
         # Two allocations of the same budget, judged end to end on the calibration data: the knapsack
         # (least summed calibrated layer error) wins at light compression, the uniform split can win
         # at heavy compression, where layer errors compound (docs/benchmarks.md).
         allocation = choose_allocation(work, config, stats, sensitivity, calib, samples=calib_samples,
-                                       batch_size=batch_size, threads=threads)
+                                       batch_size=batch_size, threads=threads, cache=cache)
         config = dataclasses.replace(config, param_budget=None, ranks={**allocation["ranks"], **config.ranks})
     if sequential:
         collect = paired_collector(work, calib, samples=calib_samples, batch_size=batch_size, threads=threads)
         passes = [FactorizeMatMulSequential(config, collect, sensitivity)]
     else:
-        passes = [FactorizeMatMul(config, stats, sensitivity)]
+        passes = [FactorizeMatMul(config, stats, sensitivity, cache=cache)]
     if convs:
         guard = None
         if latency_guard:

@@ -184,6 +184,8 @@ class FactorizeMatMul:
         (``linalg.sequential_target``).
     only : rewrite only the layers whose (weight name, transposed) key is in this set; the others
         are neither rewritten nor reported.
+    cache : a dict shared by several instances working on the same model and statistics (e.g. to try
+        several rank allocations): eigen-decompositions and SVDs are then computed once.
     """
 
     name = "factorize_matmul"
@@ -192,7 +194,7 @@ class FactorizeMatMul:
                  stats: Mapping[str, TensorStats] | None = None,
                  sensitivity: Mapping[str, np.ndarray] | None = None, *,
                  cross: Mapping[str, CrossStats] | None = None,
-                 only: Collection[tuple[str, bool]] | None = None):
+                 only: Collection[tuple[str, bool]] | None = None, cache: dict | None = None):
         self.config = config or FactorizeMatMulConfig()
         if stats is not None and cross is not None:
             raise ValueError("give either stats or cross statistics, not both")
@@ -204,6 +206,8 @@ class FactorizeMatMul:
         self.stats = stats
         self.sensitivity = sensitivity or {}
         self.only = None if only is None else set(only)
+        self._cache = {} if cache is None else cache
+        self._eigs: dict = self._cache.setdefault("eigs", {})
 
     def choose_rank(self, layer: Layer, spectrum: np.ndarray) -> int | None:
         """The rank for ``layer`` under the config, or None if no rule applies."""
@@ -264,7 +268,7 @@ class FactorizeMatMul:
     def _eig(self, st: TensorStats) -> tuple[np.ndarray, np.ndarray]:
         """Clamped eigen-decomposition of ``st``'s Gram, once per statistics object (layers reading the
         same input share it)."""
-        key = id(st)
+        key = (id(st), self.config.bias_correction)
         if key not in self._eigs:
             self._eigs[key] = (st, linalg.clamped_eigh(self._gram(st)))
         return self._eigs[key][1]
@@ -315,15 +319,22 @@ class FactorizeMatMul:
     def _decompositions(self, layers: list[Layer]) -> tuple[dict, dict]:
         """Per weight key: its statistics, and ``(stats used, sensitivity, spectrum, rank -> factors)``."""
         weight_stats = self._weight_stats(layers)
-        self._eigs: dict = {}
+        shared = self._cache.setdefault("decompositions", {})
         decompositions: dict[tuple[str, bool], tuple] = {}
         # disable=None: a progress bar on a terminal only, silent in logs and tests
         for layer in tqdm(layers, desc="decompose", unit="layer", disable=None, leave=False):
             key = (layer.weight.name, layer.transposed)
-            if key not in decompositions:
-                target, st = self._target(layer.W, weight_stats.get(key))
-                sensitivity = self._weight_sensitivity(layers, key)
-                decompositions[key] = (st, sensitivity, *self._decompose(target, st, sensitivity))
+            if key in decompositions:
+                continue
+            source = weight_stats.get(key)
+            sensitivity = self._weight_sensitivity(layers, key)
+            c = self.config
+            # everything the decomposition depends on (the objects are kept alive in the entry)
+            ckey = (key, id(source), id(sensitivity), c.method, c.bias_correction, c.refit, layer.W.shape)
+            if ckey not in shared:
+                target, st = self._target(layer.W, source)
+                shared[ckey] = (source, sensitivity, (st, sensitivity, *self._decompose(target, st, sensitivity)))
+            decompositions[key] = shared[ckey][2]
         return weight_stats, decompositions
 
     def allocate(self, layers: list[Layer]) -> dict[tuple[str, bool], int | None]:

@@ -160,3 +160,19 @@ def test_cli_target_and_sequential(mlp_path, tmp_path, capsys):
     code = main(["optimize", str(mlp_path), "-o", str(tmp_path / "x.onnx"), "--target", "params=0.6",
                  "--rank-ratio", "0.5"])
     assert code == 2
+
+
+def test_a_shared_cache_decomposes_each_weight_once(mlp_proto, monkeypatch):
+    from onnxlr.api import calibration_stats
+    from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig
+    from onnxlr.pipeline import PassManager
+
+    stats, _ = calibration_stats(mlp_proto, [{"x": correlated_inputs(64, seed=1)}])
+    calls = []
+    original = linalg.WhitenedSVD.fit
+    monkeypatch.setattr(linalg.WhitenedSVD, "fit", classmethod(lambda cls, *a, **k: calls.append(1) or original(*a, **k)))
+    cache = {}
+    for ranks in ({"fc1": 3, "fc2": 3}, {"fc1": 5, "fc2": 2}):
+        config = FactorizeMatMulConfig(method="whitened", ranks=ranks)
+        PassManager([FactorizeMatMul(config, stats, cache=cache)]).run(mlp_proto)
+    assert len(calls) == 2  # one per weight, not one per weight and allocation
