@@ -24,6 +24,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/plain_svd.py --write docs/benchmarks.md
 	$(PY) bench/calibrated.py --write docs/benchmarks.md
+	$(PY) bench/allocation_costs.py --write docs/benchmarks.md
 	$(PY) bench/conv.py --write docs/benchmarks.md
 
 clean:
