@@ -77,10 +77,11 @@ def variants(model, stats, sensitivity, calib):
         out["whitened+knapsack", level] = PassManager([FactorizeMatMul(config, stats)]).run(model)[0]
         chosen = choose_allocation(model, config, stats, None, calib)
         label = f"whitened+target (→ {chosen['allocator']})"
-        out[label, level] = onnxlr.optimize(model, calib=calib, ranks=chosen["ranks"], validate=False)[0]
+        out[label, level] = onnxlr.optimize(model, calib=calib, ranks=chosen["ranks"], conv="none",
+                                            validate=False)[0]
         start = time.perf_counter()
         out["whitened+seq", level] = onnxlr.optimize(model, calib=calib, ranks=ranks, sequential=True,
-                                                     validate=False)[0]
+                                                     conv="none", validate=False)[0]
         SEQUENTIAL_SECONDS.append(time.perf_counter() - start)
     return out
 
