@@ -11,8 +11,6 @@ from the tail of its whitened spectrum s (the calibrated output error, exactly):
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from onnxlr.pipeline import PassManager
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calibrated import LEVELS, level_ranks  # noqa: E402
-from plain_svd import write_section  # noqa: E402
+from plain_svd import bench_parser, emit  # noqa: E402
 
 MARK = "allocation-costs"
 
@@ -78,17 +76,8 @@ def section(cache: Path) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path(os.environ.get("ONNXLR_CACHE", Path.home() / ".cache" / "onnxlr")))
-    parser.add_argument("--write", type=Path, help="markdown file whose section is replaced")
-    args = parser.parse_args(argv)
-    body = section(args.cache_dir)
-    print(body)
-    if args.write:
-        write_section(args.write, body, MARK)
-    return 0
-
+    args = bench_parser(__doc__, MARK).parse_args(argv)
+    return emit(section(args.cache_dir), args, MARK)
 
 if __name__ == "__main__":
     sys.exit(main())

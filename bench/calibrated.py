@@ -36,7 +36,7 @@ from onnxlr.pipeline import PassManager
 from onnxlr.runtimes.providers import make_session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plain_svd import write_section  # noqa: E402
+from plain_svd import bench_parser, emit  # noqa: E402
 
 LEVELS = (0.10, 0.25, 0.50)
 METHODS = ("svd", "asvd", "whitened", "fisher", "isvt")
@@ -191,21 +191,13 @@ def section(cache: Path) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path(os.environ.get("ONNXLR_CACHE", Path.home() / ".cache" / "onnxlr")))
-    parser.add_argument("--write", type=Path, help="markdown file whose calibrated section is replaced")
+    parser = bench_parser(__doc__, MARK)
     parser.add_argument("--time-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.time_only:
         print(json.dumps(time_minilm(args.cache_dir)))
         return 0
-    body = section(args.cache_dir)
-    print(body)
-    if args.write:
-        write_section(args.write, body, MARK)
-    return 0
-
+    return emit(section(args.cache_dir), args, MARK)
 
 if __name__ == "__main__":
     sys.exit(main())

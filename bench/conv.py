@@ -12,7 +12,6 @@ original and the factorized model timed interleaved in one process (median of 30
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ from onnxlr.runtimes.latency_guard import LatencyGuard
 from onnxlr.runtimes.providers import make_session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plain_svd import write_section  # noqa: E402
+from plain_svd import bench_parser, emit  # noqa: E402
 
 LEVELS = (0.75, 0.5, 0.25)
 PPOCR_LEVELS = (0.9, 0.75, 0.5)
@@ -143,17 +142,8 @@ def section(cache: Path) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path(os.environ.get("ONNXLR_CACHE", Path.home() / ".cache" / "onnxlr")))
-    parser.add_argument("--write", type=Path, help="markdown file whose conv section is replaced")
-    args = parser.parse_args(argv)
-    body = section(args.cache_dir)
-    print(body)
-    if args.write:
-        write_section(args.write, body, MARK)
-    return 0
-
+    args = bench_parser(__doc__, MARK).parse_args(argv)
+    return emit(section(args.cache_dir), args, MARK)
 
 if __name__ == "__main__":
     np.seterr(all="ignore")

@@ -119,18 +119,28 @@ def write_section(doc: Path, body: str, mark: str = MARK) -> None:
     doc.write_text(new)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_parser(doc: str, mark: str) -> argparse.ArgumentParser:
+    """The options every benchmark script takes: ``--cache-dir`` and ``--write``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path,
                         default=Path(os.environ.get("ONNXLR_CACHE", Path.home() / ".cache" / "onnxlr")))
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--write", type=Path, help="markdown file whose plain-svd section is replaced")
-    args = parser.parse_args(argv)
-    body = section(args.cache_dir, args.repeats)
+    parser.add_argument("--write", type=Path, help=f"markdown file whose {mark} section is replaced")
+    return parser
+
+
+def emit(body: str, args: argparse.Namespace, mark: str) -> int:
+    """Print a section and, with ``--write``, put it into the markdown file."""
     print(body)
     if args.write:
-        write_section(args.write, body)
+        write_section(args.write, body, mark)
     return 0
+
+
+def main(argv=None) -> int:
+    parser = bench_parser(__doc__, MARK)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args(argv)
+    return emit(section(args.cache_dir, args.repeats), args, MARK)
 
 
 if __name__ == "__main__":
