@@ -207,15 +207,10 @@ class PairedRuns:
             if self.mask_input is not None:
                 mask = np.asarray(_fed(batch, self.mask_input, index)) != 0
             for name in tensors:
-                x = np.asarray(ref[name] if name in ref else _fed(batch, name, index))
-                x_hat = np.asarray(hat.get(name, x))
-                k = x.shape[-1] if x.ndim else 1
-                keep = _masked(x, mask, x.shape[:-1])
-                x, x_hat = x.reshape(-1, k), x_hat.reshape(-1, k)
-                if keep is not None:
-                    x, x_hat = x[keep], x_hat[keep]
+                x = ref[name] if name in ref else _fed(batch, name, index)
+                x, x_hat = _rows(x, mask), _rows(hat.get(name, x), mask)
                 if name not in stats:
-                    stats[name] = CrossStats.zeros(k)
+                    stats[name] = CrossStats.zeros(x.shape[1])
                 stats[name].update(x, x_hat)
         if tensors and not stats:
             raise OnnxlrError("no calibration batches")
@@ -535,11 +530,7 @@ def _run_pass(work, graph: _GraphInfo, types, group, batch_iter: Iterator[Batch]
         values = {}
         if session is not None:
             feeds = {name: np.asarray(value) for name, value in batch.items()}
-            try:
-                outputs = session.run(fetch, feeds)
-            except (_OrtInvalidArgument, ValueError) as exc:
-                raise OnnxlrError(f"calibration batch {index}: {str(exc).splitlines()[0]}") from None
-            values = dict(zip(fetch, outputs))
+            values = dict(zip(fetch, _run(session, fetch, feeds, index)))
         for name, is_index in group:
             value = values[name] if name in values else _fed(batch, name, index)
             if is_index:
@@ -569,15 +560,19 @@ def _masked(value: np.ndarray, mask: np.ndarray | None, leading: tuple) -> np.nd
     return None
 
 
-def _accumulate(name: str, value: np.ndarray, mask, stats: dict, index: int) -> None:
+def _rows(value: np.ndarray, mask) -> np.ndarray:
+    """The rows (m, k) of a tensor (..., k), padding rows left out where the mask applies."""
     value = np.asarray(value)
     if value.ndim == 0:
         value = value.reshape(1)
-    k = value.shape[-1]
-    rows = value.reshape(-1, k)
+    rows = value.reshape(-1, value.shape[-1])
     keep = _masked(value, mask, value.shape[:-1])
-    if keep is not None:
-        rows = rows[keep]
+    return rows if keep is None else rows[keep]
+
+
+def _accumulate(name: str, value: np.ndarray, mask, stats: dict, index: int) -> None:
+    rows = _rows(value, mask)
+    k = rows.shape[1]
     current = stats.get(name)
     if current is None:
         current = stats[name] = TensorStats.zeros(k)
