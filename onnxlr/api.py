@@ -10,6 +10,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxlr import io, linalg
 from onnxlr.errors import OnnxlrError
@@ -88,11 +89,12 @@ def parse_target(spec: str | tuple[str, float]) -> tuple[str, float]:
     return kind, number
 
 
-def layer_param_budget(model: onnx.ModelProto, share: float) -> int:
+def layer_param_budget(model: onnx.ModelProto, share: float, graph: gs.Graph | None = None) -> int:
     """Parameters left to the factorizable MatMul/Gemm weights when the whole model must keep
-    ``share`` of its parameters (every other parameter stays as it is)."""
+    ``share`` of its parameters (every other parameter stays as it is). ``graph``: ``model``
+    already imported, if at hand."""
     total = count_parameters(model)
-    layers, _ = find_layers(import_graph(model))
+    layers, _ = find_layers(graph if graph is not None else import_graph(model))
     factorizable = sum({layer.weight.name: layer.W.size for layer in layers}.values())
     budget = share * total - (total - factorizable)
     if budget <= 0:
@@ -334,24 +336,25 @@ def optimize(
     original, path = _load(model)
     # Weights computed from constants become initializers first; everything below sees the folded model.
     work, folded = PassManager([FoldConstants()]).run(original)
+    work_graph = import_graph(work)  # read-only here: every pass imports its own copy
     param_budget = None
     if target is not None:
         if embeddings:
             raise OnnxlrError("--target does not allocate embedding tables yet; use --rank-ratio or --energy "
                               "with --embeddings")
-        param_budget = layer_param_budget(work, parse_target(target)[1])
+        param_budget = layer_param_budget(work, parse_target(target)[1], work_graph)
     elif rank_ratio is None and energy is None and not ranks:
         rank_ratio = DEFAULT_RANK_RATIO
     method = method or ("whitened" if calib is not None else "svd")
     ranks = dict(ranks or {})
     table_ranks = {}
     if embeddings:  # per-layer ranks naming an embedding table go to the embedding pass
-        names = {n for t in find_tables(import_graph(work))[0] for n in (t.node.name, t.table.name)}
+        names = {n for t in find_tables(work_graph)[0] for n in (t.node.name, t.table.name)}
         table_ranks = {k: v for k, v in ranks.items() if k in names}
         ranks = {k: v for k, v in ranks.items() if k not in names}
     if conv != "none" and conv not in ("auto", *DECOMPOSITIONS):
         raise OnnxlrError(f"unknown conv decomposition {conv!r} (choose from auto, {', '.join(DECOMPOSITIONS)}, none)")
-    convs = find_convs(import_graph(work))[0] if conv != "none" and (target is None or conv_ratio) else []
+    convs = find_convs(work_graph)[0] if conv != "none" and (target is None or conv_ratio) else []
     conv_ranks = {k: v for k, v in ranks.items() if k in _conv_names(convs)}
     ranks = {k: v for k, v in ranks.items() if k not in conv_ranks}
     config = FactorizeMatMulConfig(method=method, rank_ratio=rank_ratio, energy=energy, param_budget=param_budget,
