@@ -16,7 +16,6 @@ import platform
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 import onnxlr
