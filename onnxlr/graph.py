@@ -112,3 +112,31 @@ def count_parameters(model: onnx.ModelProto) -> int:
     return total
 
 
+
+
+CONTRIB_DOMAIN = "com.microsoft"
+
+
+def import_contrib_domain(graph: gs.Graph) -> None:
+    """Declare ONNX Runtime's com.microsoft opset (version 1, the only one) in the exported model."""
+    if graph.import_domains is None:
+        graph.import_domains = [onnx.helper.make_opsetid("", graph.opset)]
+    if all(d.domain != CONTRIB_DOMAIN for d in graph.import_domains):
+        graph.import_domains.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
+
+
+def add_low_rank_branch(graph: gs.Graph, Y: gs.Variable, X: gs.Tensor, A: np.ndarray, B: np.ndarray, name: str) -> None:
+    """Make ``Y`` read ``Y + (X @ A) @ B``: a float low-rank correction (A: (k, r), B: (r, n)) of the
+    layer that computes ``Y`` from ``X`` — how compensation of a quantized or pruned layer is added."""
+    producer = next(node for node in graph.nodes if Y in node.outputs)
+    inner = gs.Variable(unique_name(graph, f"{name}/uncompensated"), dtype=Y.dtype)
+    producer.outputs[producer.outputs.index(Y)] = inner
+    H = gs.Variable(unique_name(graph, f"{name}/comp_h"), dtype=np.float32)
+    delta = gs.Variable(unique_name(graph, f"{name}/comp_out"), dtype=np.float32)
+    A_c = gs.Constant(unique_name(graph, f"{name}/comp_A"), np.ascontiguousarray(A, dtype=np.float32))
+    B_c = gs.Constant(unique_name(graph, f"{name}/comp_B"), np.ascontiguousarray(B, dtype=np.float32))
+    graph.nodes.extend([
+        gs.Node("MatMul", name=unique_name(graph, f"{name}/comp_A"), inputs=[X, A_c], outputs=[H]),
+        gs.Node("MatMul", name=unique_name(graph, f"{name}/comp_B"), inputs=[H, B_c], outputs=[delta]),
+        gs.Node("Add", name=unique_name(graph, f"{name}/compensate"), inputs=[inner, delta], outputs=[Y]),
+    ])

@@ -600,11 +600,17 @@ def calibration_error(W: np.ndarray, A: np.ndarray, B: np.ndarray, G: np.ndarray
     W : ndarray of shape (k, n), A : ndarray of shape (k, r), B : ndarray of shape (r, n),
     G : ndarray of shape (k, k)
     """
+    return output_error(W, _as_matrix(A, "A") @ _as_matrix(B, "B"), G)
+
+
+def output_error(W: np.ndarray, W_hat: np.ndarray, G: np.ndarray) -> float:
+    """Relative calibrated error ``||X (W - W_hat)||_F / ||X W||_F`` of any approximation ``W_hat`` (k, n)
+    of ``W`` (k, n) — factorized, quantized, pruned — from ``G = XᵀX`` (k, k) alone; see
+    :func:`calibration_error` for its resolution and edge cases."""
     W = _as_matrix(W)
-    A = _as_matrix(A, "A")
-    B = _as_matrix(B, "B")
+    W_hat = _as_matrix(W_hat, "W_hat")
     G = _as_gram(G, W.shape[0])
-    E = W - A @ B
+    E = W - W_hat
     G = 0.5 * (G + G.T)
     num = max(float(np.sum(E * (G @ E))), 0.0)  # round-off can push a PSD form slightly negative
     den = max(float(np.sum(W * (G @ W))), 0.0)

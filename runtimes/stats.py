@@ -72,13 +72,27 @@ class TensorStats:
     """Running statistics of the rows r (length k) of one tensor.
 
     gram: (k, k) float64, sum of r rᵀ. sum: (k,) float64, sum of r. abs_sum: (k,) float64, sum of |r|.
-    count: number of rows accumulated.
+    count: number of rows accumulated. low, high: (k,) float64, smallest and largest value per column
+    (the range an activation quantizer must cover; ±inf before any row).
     """
 
     gram: np.ndarray
     sum: np.ndarray
     abs_sum: np.ndarray
     count: int = 0
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.low is None:
+            self.low = np.full_like(self.sum, np.inf)
+        if self.high is None:
+            self.high = np.full_like(self.sum, -np.inf)
+
+    @property
+    def abs_max(self) -> np.ndarray:
+        """(k,) largest |r| per column; zeros when no row was accumulated."""
+        return np.maximum(np.abs(self.low), np.abs(self.high), where=self.count > 0, out=np.zeros_like(self.sum))
 
     @classmethod
     def zeros(cls, k: int) -> TensorStats:
@@ -114,7 +128,7 @@ class TensorStats:
     def merged(self, other: "TensorStats") -> "TensorStats":
         """Statistics of both row sets together (for a weight read by several layers)."""
         return TensorStats(self.gram + other.gram, self.sum + other.sum, self.abs_sum + other.abs_sum,
-                           self.count + other.count)
+                           self.count + other.count, np.minimum(self.low, other.low), np.maximum(self.high, other.high))
 
     def update(self, rows: np.ndarray) -> None:
         """Accumulate rows (m, k), in float64 (BLAS ``rᵀ r``), a bounded number of rows at a time."""
@@ -127,6 +141,9 @@ class TensorStats:
             self.gram += r.T @ r
             self.sum += r.sum(axis=0)
             self.abs_sum += np.abs(r).sum(axis=0)
+            if len(r):
+                np.minimum(self.low, r.min(axis=0), out=self.low)
+                np.maximum(self.high, r.max(axis=0), out=self.high)
         self.count += rows.shape[0]
 
 

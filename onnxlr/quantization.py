@@ -1,0 +1,184 @@
+"""Integer weights and the data-aware choices around them — plain numpy, no ONNX.
+
+Convention: a layer computes ``Y = X @ W`` with a weight ``W`` of shape ``(k, n)`` (k inputs, n outputs)
+and calibration rows ``X`` of length k summarised by their Gram ``G = XᵀX`` (k, k) and the largest
+``|x_j|`` per input channel. Weights are quantized symmetrically per output channel (column):
+``W ≈ q * scale`` with integer ``q`` in ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` and ``scale`` of shape (n,), the
+layout ONNX ``DequantizeLinear(axis=1)`` and ``MatMulInteger`` with a per-column zero point consume.
+
+- :func:`quantize_per_channel`: round to nearest.
+- :func:`gptq_per_channel`: GPTQ (Frantar et al. 2022) — quantize the input rows one at a time and push
+  each row's rounding error onto the rows not yet quantized, through the inverse Gram, so the *output*
+  error ``||X (W - Ŵ)||`` is minimised rather than the weight error.
+- :func:`smoothing_scales`: SmoothQuant (Xiao et al. 2023) — per input channel factors that move
+  activation outliers into the weights, where per-channel scales absorb them.
+- :func:`low_rank_compensation`: EoRA — the rank-r correction ``A @ B`` of the quantization (or pruning)
+  error that minimises the calibrated output error, an activation-whitened SVD of ``W - Ŵ``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxlr import linalg
+from onnxlr.linalg import output_error  # noqa: F401  (re-exported: the error every pass reports)
+
+
+def _qmax(bits: int) -> int:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+FP16_NORMAL = (2.0 ** -14, 65504.0)
+
+
+def compact(scale: np.ndarray) -> np.ndarray:
+    """``scale`` rounded to float16 when every value is a normal float16 (half the bytes on disk, and
+    codes computed against the rounded value lose nothing), else unchanged."""
+    scale = np.asarray(scale, dtype=np.float64)
+    if scale.size and FP16_NORMAL[0] <= scale.min() and scale.max() <= FP16_NORMAL[1]:
+        return scale.astype(np.float16).astype(np.float64)
+    return scale
+
+
+def channel_scales(W: np.ndarray, bits: int = 8) -> np.ndarray:
+    """(n,) symmetric scales ``max |W[:, j]| / qmax`` (float16-exact where possible, :func:`compact`);
+    a zero column gets scale 1 (its codes are 0)."""
+    peak = np.abs(np.asarray(W, dtype=np.float64)).max(axis=0)
+    return compact(np.where(peak > 0, peak / _qmax(bits), 1.0))
+
+
+def quantize_per_channel(W: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Round-to-nearest symmetric per-column quantization of ``W`` (k, n).
+
+    Returns ``(q, scale)``: int8 codes (k, n) and scales (n,) — float16 when :func:`compact` allows,
+    else float32 — with ``W ≈ q * scale``.
+    """
+    W = np.asarray(W, dtype=np.float64)
+    scale = channel_scales(W, bits)
+    qmax = _qmax(bits)
+    q = np.clip(np.rint(W / scale), -qmax, qmax).astype(np.int8)
+    return q, as_stored(scale)
+
+
+def as_stored(scale: np.ndarray) -> np.ndarray:
+    """``scale`` in the type it is written in: float16 when that is exact, else float32."""
+    half = scale.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float64), scale) else scale.astype(np.float32)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``q * scale`` as float64 (k, n)."""
+    return np.asarray(q, dtype=np.float64) * np.asarray(scale, dtype=np.float64)
+
+
+def gptq_per_channel(W: np.ndarray, G: np.ndarray, bits: int = 8, *, damp: float = 0.01,
+                     block: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ rounding of ``W`` (k, n) for inputs with Gram ``G`` (k, k); same outputs as
+    :func:`quantize_per_channel` (the scales are the same, only the rounding differs).
+
+    The rows are quantized in order; the error of row i, divided by the i-th diagonal of the upper
+    Cholesky factor U of ``(G + damp·mean(diag G)·I)⁻¹``, is subtracted from the later rows along U's
+    i-th row — the closed-form optimal update of the remaining weights (optimal brain surgeon). Rows
+    are processed in blocks of ``block`` with one deferred update per block (the lazy-batch trick).
+    Inputs that never fire (zero diagonal) are quantized to 0 and skipped.
+    """
+    W = np.array(W, dtype=np.float64)
+    k, n = W.shape
+    G = linalg._as_gram(G, k)
+    scale = channel_scales(W, bits)
+    qmax = _qmax(bits)
+    H = np.array(G, dtype=np.float64)
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    W[dead] = 0.0
+    H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: (H⁻¹) = Uᵀ U
+    q = np.zeros((k, n), dtype=np.int8)
+    for start in range(0, k, block):
+        stop = min(start + block, k)
+        Wb = W[start:stop].copy()
+        Eb = np.zeros_like(Wb)
+        for i in range(stop - start):
+            row = Wb[i]
+            codes = np.clip(np.rint(row / scale), -qmax, qmax)
+            q[start + i] = codes
+            err = (row - codes * scale) / U[start + i, start + i]
+            Wb[i + 1:] -= np.outer(U[start + i, start + i + 1:stop], err)
+            Eb[i] = err
+        W[stop:] -= U[start:stop, stop:].T @ Eb
+    return q, as_stored(scale)
+
+
+def smoothing_scales(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """SmoothQuant factors s (k,): the layer becomes ``(X / s) @ (diag(s) W)``.
+
+    x_absmax : (k,) largest |x_j| over the calibration data.
+    w_absmax : (k,) largest |W[j, :]| over every layer that reads X (they must share s).
+    alpha : migration strength; ``s_j = x_j^alpha / w_j^(1 - alpha)``, normalised to geometric mean 1
+        so the overall scale of X is unchanged. Channels that never fire (or weights that are zero)
+        get s = 1.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    x = np.asarray(x_absmax, dtype=np.float64)
+    w = np.asarray(w_absmax, dtype=np.float64)
+    live = (x > 0) & (w > 0)
+    s = np.ones_like(x)
+    s[live] = x[live] ** alpha / w[live] ** (1.0 - alpha)
+    if live.any():
+        s[live] /= np.exp(np.mean(np.log(s[live])))
+    return s
+
+
+def low_rank_compensation(W: np.ndarray, W_hat: np.ndarray, G: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """EoRA: ``(A, B)`` of shapes (k, r), (r, n) minimising ``||X (W - W_hat - A B)||_F`` — the
+    activation-whitened truncated SVD of the compression error (:func:`onnxlr.linalg.whitened_svd`)."""
+    return linalg.whitened_svd(np.asarray(W, np.float64) - np.asarray(W_hat, np.float64), G, rank)
+
+
+SMOOTHING_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def activation_step(low: np.ndarray, high: np.ndarray, levels: int = 255) -> float:
+    """Step of a uint8 quantizer covering the per-column range ``[low, high]`` (and 0) of a tensor."""
+    lo, hi = min(float(np.min(low)), 0.0), max(float(np.max(high)), 0.0)
+    return (hi - lo) / levels
+
+
+def int8_layer_error(Ws: list[np.ndarray], G: np.ndarray, count: int, low: np.ndarray, high: np.ndarray,
+                     s: np.ndarray) -> float:
+    """Predicted relative output error of the layers ``Ws`` (each (k, n)) reading one input X when X is
+    smoothed by ``s``, quantized to uint8 over its calibrated range and the weights ``diag(s) W`` to
+    int8 per channel (round to nearest).
+
+    The squared error is the weight part ``||X/s · (W_s - Ŵ_s)||²`` (from the Gram) plus the activation
+    part, modelled as independent uniform rounding noise of variance ``step²/12`` per element of X/s:
+    ``count · step²/12 · ||W_s||²_F``. G : (k, k) Gram of the ``count`` calibration rows of X.
+    """
+    Gs = G / s[:, None] / s[None, :]
+    step = activation_step(low / s, high / s)
+    num = den = 0.0
+    for W in Ws:
+        Ws_ = W * s[:, None]
+        D = Ws_ - dequantize(*quantize_per_channel(Ws_))
+        num += np.einsum("ij,ij->", D, Gs @ D) + count * step ** 2 / 12.0 * np.sum(Ws_ ** 2)
+        den += np.einsum("ij,ij->", W, G @ W)
+    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+
+
+def choose_smoothing(Ws: list[np.ndarray], G: np.ndarray, count: int, low: np.ndarray, high: np.ndarray,
+                     grid: tuple[float, ...] = SMOOTHING_GRID) -> tuple[float | None, np.ndarray, float]:
+    """The SmoothQuant strength of ``grid`` — or no smoothing (``None``, s = 1) — with the least
+    predicted error (:func:`int8_layer_error`) for the layers ``Ws`` sharing one input; returns
+    ``(alpha, s, error)``."""
+    x_absmax = np.maximum(np.abs(low), np.abs(high))
+    w_absmax = np.max([np.abs(W).max(axis=1) for W in Ws], axis=0)
+    best = (None, np.ones_like(x_absmax), int8_layer_error(Ws, G, count, low, high, np.ones_like(x_absmax)))
+    for alpha in grid:
+        s = smoothing_scales(x_absmax, w_absmax, alpha)
+        err = int8_layer_error(Ws, G, count, low, high, s)
+        if err < best[2]:
+            best = (alpha, s, err)
+    return best
