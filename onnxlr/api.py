@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxlr import io, linalg
+from onnxlr import io, linalg, prequantized
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import count_parameters, import_graph, truncated
+from onnxlr.graph import count_parameters, import_graph, truncated, with_shapes
 from onnxlr.macs import count_macs
 from onnxlr.calibration import calibration_batches, find_mask_input
 from onnxlr import conv_factors
@@ -23,7 +23,11 @@ from onnxlr.passes.fold_constants import FoldConstants
 from onnxlr.passes.factorize_embedding import FactorizeEmbedding, FactorizeEmbeddingConfig, find_tables
 from onnxlr.passes.factorize_matmul import DATA_AWARE, FactorizeMatMul, FactorizeMatMulConfig, find_layers
 from onnxlr.passes.factorize_sequential import FactorizeMatMulSequential
+from onnxlr.passes.prune import channel_rows
 from onnxlr.pipeline import PassManager
+from onnxlr.recipes import Step, get_recipe
+from onnxlr.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
+from onnxlr.passes.quantize_nbits import QuantizeMatMulNBits
 from onnxlr.report import ModelSummary, Report
 from onnxlr.runtimes import feeds as feeds_mod
 from onnxlr.runtimes.compare import TOLERANCE_METRICS, Tolerance
@@ -256,9 +260,115 @@ def output_sensitivities(model: onnx.ModelProto, calib: CalibLike, *, samples: i
                               threads=threads or default_threads())
 
 
+def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samples, method, rank_ratio, energy,
+               ranks, target, force, refit, bias_correction, sequential, conv, conv_ratio, rank_multiple,
+               conv_max_error, latency_guard, embeddings, providers, dims, threads, batch_size):
+    """The low-rank part of :func:`optimize` (its parameters): returns (factorized model, pass records)."""
+    param_budget = None
+    if target is not None:
+        if embeddings:
+            raise OnnxlrError("--target does not allocate embedding tables yet; use --rank-ratio or --energy "
+                              "with --embeddings")
+        param_budget = layer_param_budget(work, parse_target(target)[1], work_graph)
+    elif rank_ratio is None and energy is None and not ranks:
+        rank_ratio = DEFAULT_RANK_RATIO
+    method = method or ("whitened" if calib is not None else "svd")
+    ranks = dict(ranks or {})
+    table_ranks = {}
+    if embeddings:  # per-layer ranks naming an embedding table go to the embedding pass
+        names = {n for t in find_tables(work_graph)[0] for n in (t.node.name, t.table.name)}
+        table_ranks = {k: v for k, v in ranks.items() if k in names}
+        ranks = {k: v for k, v in ranks.items() if k not in names}
+    if conv != "none" and conv not in ("auto", *DECOMPOSITIONS):
+        raise OnnxlrError(f"unknown conv decomposition {conv!r} (choose from auto, {', '.join(DECOMPOSITIONS)}, none)")
+    convs = find_convs(work_graph)[0] if conv != "none" and (target is None or conv_ratio) else []
+    conv_ranks = {k: v for k, v in ranks.items() if k in _conv_names(convs)}
+    ranks = {k: v for k, v in ranks.items() if k not in conv_ranks}
+    config = FactorizeMatMulConfig(method=method, rank_ratio=rank_ratio, energy=energy, param_budget=param_budget,
+                                   ranks=ranks, force=force, refit=refit, bias_correction=bias_correction)
+    if method in DATA_AWARE and calib is None:
+        raise OnnxlrError(f"method {method!r} needs calibration data (--calib)")
+    if sequential and method not in DATA_AWARE:
+        raise OnnxlrError(f"sequential factorization needs a data-aware method (--method whitened…), not {method!r}")
+    stats, counts, sensitivity = None, {}, None
+    if (method == "fisher" or sequential) and isinstance(calib, Iterator):
+        calib = list(calib)  # read more than once (statistics, sensitivities, stages): a one-shot iterator is kept
+    if calib is not None and (not sequential or embeddings or param_budget is not None):  # one-shot statistics
+        stats, counts = calibration_stats(work, calib, samples=calib_samples, batch_size=batch_size,
+                                          threads=threads, embeddings=embeddings)
+    conv_stats = conv_patch_stats(work, calib, samples=calib_samples, batch_size=batch_size,
+                                  threads=threads) if convs and calib is not None and method in DATA_AWARE else {}
+    if method == "fisher":
+        sensitivity = output_sensitivities(work, calib, samples=min(calib_samples or SENSITIVITY_SAMPLES,
+                                                                        SENSITIVITY_SAMPLES),
+                                           batch_size=batch_size, threads=threads)
+    allocation, cache = None, {}
+    if param_budget is not None and calib is not None:
+        # Two allocations of the same budget, judged end to end on the calibration data: the knapsack
+        # (least summed calibrated layer error) wins at light compression, the uniform split can win
+        # at heavy compression, where layer errors compound (docs/benchmarks.md).
+        allocation = choose_allocation(work, config, stats, sensitivity, calib, samples=calib_samples,
+                                       batch_size=batch_size, threads=threads, cache=cache)
+        config = dataclasses.replace(config, param_budget=None, ranks={**allocation["ranks"], **config.ranks})
+    if sequential:
+        collect = paired_collector(work, calib, samples=calib_samples, batch_size=batch_size, threads=threads)
+        passes = [FactorizeMatMulSequential(config, collect, sensitivity)]
+    else:
+        passes = [FactorizeMatMul(config, stats, sensitivity, cache=cache)]
+    if convs:
+        guard = None
+        if latency_guard:
+            guard = LatencyGuard(input_shapes(work, dims), provider=parse_providers(providers)[0],
+                                 threads=threads or default_threads())
+        conv_config = FactorizeConvConfig(decomposition=conv, param_ratio=conv_ratio or DEFAULT_CONV_RATIO,
+                                          ranks=conv_ranks, rank_multiple=rank_multiple,
+                                          max_layer_error=conv_max_error, force=force)
+        passes.append(FactorizeConv(conv_config, conv_stats, guard))
+    if embeddings:
+        passes.append(FactorizeEmbedding(FactorizeEmbeddingConfig(
+            rank_ratio=rank_ratio, energy=energy, ranks=table_ranks, force=force), counts))
+    optimized, records = PassManager(passes).run(work)
+    if allocation is not None:
+        records[0].config["allocation"] = {k: v for k, v in allocation.items() if k != "ranks"}
+    return optimized, records
+
+
+def _compress(model: onnx.ModelProto, steps, calib: CalibLike, *, samples: int | None, batch_size: int,
+              threads: int | None) -> tuple[onnx.ModelProto, list]:
+    """Run a recipe's steps in order, each on fresh calibration statistics of the model it gets."""
+    records = []
+    for step in steps:
+        config = step.config(calib is not None)
+        tensors = step.pass_class.stats_tensors(import_graph(model), config) if calib is not None else []
+        stats = tensor_stats(model, tensors, calib, samples=samples, batch_size=batch_size, threads=threads)
+        model, [record] = PassManager([step.pass_class(config, stats)]).run(model)
+        records.append(record)
+    return model, records
+
+
+def tensor_stats(model: onnx.ModelProto, tensors: Sequence[str], calib: CalibLike, *, samples: int | None = None,
+                 batch_size: int = 8, threads: int | None = None) -> dict[str, Any]:
+    """Statistics of ``tensors`` on the calibration data, in one streaming ORT run each for the
+    per-row tensors and for the per-channel ones: a tensor read by a Conv gets channel vectors as rows
+    (its NCHW activation moved to (N·H·W, C)), any other tensor its last axis."""
+    if not tensors:
+        return {}
+    graph = import_graph(model)
+    conv_inputs = {node.inputs[0].name for node in graph.nodes if node.op == "Conv"}
+    channel = [t for t in tensors if t in conv_inputs]
+    rows = [t for t in tensors if t not in conv_inputs]
+    batches = functools.partial(calibration_batches, calib, model, samples=samples, batch_size=batch_size)
+    threads = threads or default_threads()
+    stats = collect_stats(model, rows, batches, mask_input=find_mask_input(model, None), threads=threads)[0] if rows else {}
+    if channel:
+        stats.update(collect_unfolded_stats(model, {t: (t, channel_rows) for t in channel}, batches, threads=threads))
+    return stats
+
+
 def optimize(
     model: ModelLike,
     *,
+    recipe: str = "lowrank",
     calib: CalibLike = None,
     calib_samples: int | None = None,
     method: str | None = None,
@@ -285,11 +395,16 @@ def optimize(
     repeats: int = 20,
     validate: bool = True,
 ) -> tuple[onnx.ModelProto, Report]:
-    """Factorize a model's MatMul/Gemm layers and validate the result against the original.
+    """Compress a model — by default factorize its MatMul/Gemm layers — and validate the result
+    against the original.
 
     Parameters
     ----------
     model : path to an .onnx file, or a ModelProto (not modified).
+    recipe : which passes run (:mod:`onnxlr.recipes`): ``lowrank`` (default; the rank options below),
+        ``int8``, ``int8-qdq``, ``int8-weights``, ``lowrank+int8``, ``prune+int8``, ``int4``,
+        ``int4+comp``, ``sparse+comp``. The rank options are an error with a recipe that does not
+        factorize.
     calib : calibration samples: .npz keyed by input name, a folder of .npz/.npy files, or an
         iterable of feed dicts. Data-aware methods fit each layer's output on them.
     calib_samples : use at most this many calibration samples.
@@ -333,80 +448,47 @@ def optimize(
     -------
     (optimized ModelProto, Report)
     """
-    original, path = _load(model)
-    # Weights computed from constants become initializers first; everything below sees the folded model.
-    work, folded = PassManager([FoldConstants()]).run(original)
-    work_graph = import_graph(work)  # read-only here: every pass imports its own copy
-    param_budget = None
-    if target is not None:
-        if embeddings:
-            raise OnnxlrError("--target does not allocate embedding tables yet; use --rank-ratio or --energy "
-                              "with --embeddings")
-        param_budget = layer_param_budget(work, parse_target(target)[1], work_graph)
-    elif rank_ratio is None and energy is None and not ranks:
-        rank_ratio = DEFAULT_RANK_RATIO
-    method = method or ("whitened" if calib is not None else "svd")
-    ranks = dict(ranks or {})
-    table_ranks = {}
-    if embeddings:  # per-layer ranks naming an embedding table go to the embedding pass
-        names = {n for t in find_tables(work_graph)[0] for n in (t.node.name, t.table.name)}
-        table_ranks = {k: v for k, v in ranks.items() if k in names}
-        ranks = {k: v for k, v in ranks.items() if k not in names}
-    if conv != "none" and conv not in ("auto", *DECOMPOSITIONS):
-        raise OnnxlrError(f"unknown conv decomposition {conv!r} (choose from auto, {', '.join(DECOMPOSITIONS)}, none)")
-    convs = find_convs(work_graph)[0] if conv != "none" and (target is None or conv_ratio) else []
-    conv_ranks = {k: v for k, v in ranks.items() if k in _conv_names(convs)}
-    ranks = {k: v for k, v in ranks.items() if k not in conv_ranks}
-    config = FactorizeMatMulConfig(method=method, rank_ratio=rank_ratio, energy=energy, param_budget=param_budget,
-                                   ranks=ranks, force=force, refit=refit, bias_correction=bias_correction)
+    recipe_ = get_recipe(recipe)
+    factorize_options = {"method": method, "rank_ratio": rank_ratio, "energy": energy, "ranks": ranks or None,
+                         "target": target, "sequential": sequential or None, "conv_ratio": conv_ratio,
+                         "embeddings": embeddings or None}
+    if not recipe_.factorize and any(v is not None for v in factorize_options.values()):
+        given = next(k for k, v in factorize_options.items() if v is not None)
+        raise OnnxlrError(f"{given.replace('_', '-')} applies to low-rank factorization; recipe {recipe!r} does not "
+                          f"factorize (use lowrank or lowrank+int8)")
+    if recipe_.needs_calib and calib is None:
+        raise OnnxlrError(f"recipe {recipe!r} needs calibration data (--calib)")
     tolerance = parse_tolerance(max_error)
     parse_providers(providers)  # fail on an unknown provider before the slow part
-    if method in DATA_AWARE and calib is None:
-        raise OnnxlrError(f"method {method!r} needs calibration data (--calib)")
-    if sequential and method not in DATA_AWARE:
-        raise OnnxlrError(f"sequential factorization needs a data-aware method (--method whitened…), not {method!r}")
-    stats, counts, sensitivity = None, {}, None
-    if (method == "fisher" or sequential) and isinstance(calib, Iterator):
-        calib = list(calib)  # read more than once (statistics, sensitivities, stages): a one-shot iterator is kept
-    if calib is not None and (not sequential or embeddings or param_budget is not None):  # one-shot statistics
-        stats, counts = calibration_stats(work, calib, samples=calib_samples, batch_size=batch_size,
-                                          threads=threads, embeddings=embeddings)
-    conv_stats = conv_patch_stats(work, calib, samples=calib_samples, batch_size=batch_size,
-                                  threads=threads) if convs and calib is not None and method in DATA_AWARE else {}
-    if method == "fisher":
-        sensitivity = output_sensitivities(work, calib, samples=min(calib_samples or SENSITIVITY_SAMPLES,
-                                                                        SENSITIVITY_SAMPLES),
-                                           batch_size=batch_size, threads=threads)
-    allocation, cache = None, {}
-    if param_budget is not None and calib is not None:
-        # Two allocations of the same budget, judged end to end on the calibration data: the knapsack
-        # (least summed calibrated layer error) wins at light compression, the uniform split can win
-        # at heavy compression, where layer errors compound (docs/benchmarks.md).
-        allocation = choose_allocation(work, config, stats, sensitivity, calib, samples=calib_samples,
-                                       batch_size=batch_size, threads=threads, cache=cache)
-        config = dataclasses.replace(config, param_budget=None, ranks={**allocation["ranks"], **config.ranks})
-    if sequential:
-        collect = paired_collector(work, calib, samples=calib_samples, batch_size=batch_size, threads=threads)
-        passes = [FactorizeMatMulSequential(config, collect, sensitivity)]
-    else:
-        passes = [FactorizeMatMul(config, stats, sensitivity, cache=cache)]
-    if convs:
-        guard = None
-        if latency_guard:
-            guard = LatencyGuard(input_shapes(work, dims), provider=parse_providers(providers)[0],
-                                 threads=threads or default_threads())
-        conv_config = FactorizeConvConfig(decomposition=conv, param_ratio=conv_ratio or DEFAULT_CONV_RATIO,
-                                          ranks=conv_ranks, rank_multiple=rank_multiple,
-                                          max_layer_error=conv_max_error, force=force)
-        passes.append(FactorizeConv(conv_config, conv_stats, guard))
-    if embeddings:
-        passes.append(FactorizeEmbedding(FactorizeEmbeddingConfig(
-            rank_ratio=rank_ratio, energy=energy, ranks=table_ranks, force=force), counts))
-    optimized, records = PassManager(passes).run(work)
-    records = [record for record in folded if record.layers] + records
-    if allocation is not None:
-        records[len(records) - len(passes)].config["allocation"] = {
-            k: v for k, v in allocation.items() if k != "ranks"}
+    if isinstance(calib, Iterator) and (recipe_.steps or method == "fisher" or sequential):
+        calib = list(calib)  # read more than once (statistics of every step): a one-shot iterator is kept
+    original, path = _load(model)
+    arrived = import_graph(original)
+    int8_weights = prequantized.weight_quantized_nodes(arrived)
+    # Weights computed from constants (int8 QDQ weights among them) become float initializers first;
+    # everything below sees the folded model.
+    work, folded = PassManager([FoldConstants()]).run(original)
+    records = [record for record in [prequantized.qoperator_record(arrived), *folded] if record.layers]
+    optimized = work
+    if recipe_.factorize:
+        optimized, factorized = _factorize(
+            work, import_graph(work), calib=calib, calib_samples=calib_samples, method=method,
+            rank_ratio=rank_ratio, energy=energy, ranks=ranks, target=target, force=force, refit=refit,
+            bias_correction=bias_correction, sequential=sequential, conv=conv, conv_ratio=conv_ratio,
+            rank_multiple=rank_multiple, conv_max_error=conv_max_error, latency_guard=latency_guard,
+            embeddings=embeddings, providers=providers, dims=dims, threads=threads, batch_size=batch_size)
+        records += factorized
+    steps = recipe_.steps
+    if int8_weights and not any(step.pass_class in (QuantizeInt8, QuantizeMatMulNBits) for step in steps):
+        # The input stored these weights as int8: store them (and their factors) so again.
+        names = prequantized.replacements(import_graph(optimized), int8_weights)
+        steps = (*steps, Step(QuantizeInt8, lambda calibrated: QuantizeInt8Config(
+            activations="none", rounding="nearest", only=names, min_params=0)))
+    if steps:
+        optimized, compressed = _compress(optimized, steps, calib, samples=calib_samples,
+                                          batch_size=batch_size, threads=threads)
+        records += compressed
+    optimized = with_shapes(optimized)
     try:
         io.check_model(optimized)
     except Exception as exc:  # a broken rewrite is a bug in onnxlr, not a user error

@@ -16,6 +16,7 @@ from onnxlr import api
 from onnxlr.errors import OnnxlrError
 from onnxlr.passes.factorize_conv import DECOMPOSITIONS
 from onnxlr.passes.factorize_matmul import METHODS
+from onnxlr.recipes import RECIPES
 from onnxlr.runtimes.feeds import parse_dims
 
 EXIT_OK, EXIT_TOLERANCE, EXIT_USAGE = 0, 1, 2
@@ -62,6 +63,9 @@ def _add_validation_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_rank_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="lowrank",
+                   help="which passes run (default lowrank; `onnxlr recipes` lists them); the rank options "
+                        "below apply to the recipes that factorize")
     p.add_argument("--calib", metavar="NPZ|DIR",
                    help="calibration samples (.npz keyed by input name, or a folder of .npz/.npy files); "
                         "data-aware methods fit each layer's output on them")
@@ -103,10 +107,10 @@ def _add_rank_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxlr", description="Make ONNX models smaller and faster with low-rank "
-                     "factorization, validated with ONNX Runtime.")
+                     "factorization, quantization and pruning, validated with ONNX Runtime.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("optimize", help="factorize a model and validate the result")
+    p = sub.add_parser("optimize", help="compress a model (a recipe of passes) and validate the result")
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
     _add_rank_options(p)
@@ -119,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("original")
     p.add_argument("optimized")
     _add_validation_options(p)
+
+    sub.add_parser("recipes", help="list the named recipes (--recipe) and what each does")
 
     p = sub.add_parser("inspect", help="list factorizable layers with their shapes and spectra")
     p.add_argument("model")
@@ -170,7 +176,7 @@ def cmd_optimize(args) -> int:
     if args.calib_samples is not None and args.calib_samples < 1:
         raise OnnxlrError("--calib-samples must be at least 1")
     optimized, report = api.optimize(
-        args.model, calib=args.calib, calib_samples=args.calib_samples, method=args.method,
+        args.model, recipe=args.recipe, calib=args.calib, calib_samples=args.calib_samples, method=args.method,
         rank_ratio=args.rank_ratio, energy=args.energy, target=args.target, sequential=args.sequential,
         conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
         conv_max_error=args.conv_max_error, latency_guard=args.latency_guard,
@@ -214,6 +220,13 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
+def cmd_recipes(args) -> int:
+    for recipe in RECIPES.values():
+        needs = "  (needs --calib)" if recipe.needs_calib else ""
+        print(f"{recipe.name:<14} {recipe.summary}{needs}")
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     try:
         from onnxlr.models import minilm, text
@@ -226,7 +239,7 @@ def cmd_demo(args) -> int:
     output = cache / "minilm.small.onnx"
     # Calibrated on 256 sentences, validated on 512 others: the two sets are disjoint.
     optimized, report = api.optimize(
-        model_path, calib=args.calib or calib_npz, calib_samples=args.calib_samples, method=args.method,
+        model_path, recipe=args.recipe, calib=args.calib or calib_npz, calib_samples=args.calib_samples, method=args.method,
         rank_ratio=args.rank_ratio, energy=args.energy, target=args.target, sequential=args.sequential,
         conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
         conv_max_error=args.conv_max_error, latency_guard=args.latency_guard,
@@ -239,7 +252,8 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"optimize": cmd_optimize, "validate": cmd_validate, "inspect": cmd_inspect, "demo": cmd_demo}
+COMMANDS = {"optimize": cmd_optimize, "validate": cmd_validate, "inspect": cmd_inspect, "recipes": cmd_recipes,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

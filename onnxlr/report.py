@@ -131,9 +131,15 @@ def _ratio(new: int, old: int) -> str:
 def _rewritten_line(change) -> str:
     """One rewritten layer: shape, rank(s) (and decomposition), params, errors, measured latency."""
     d = change.details
+    if "shape" not in d and "K" in d:
+        d = {**d, "shape": [d["K"], d["N"]]}
+    if "hidden" in d:
+        return f"  {change.node:<40} hidden units {d['hidden'][0]} -> {d['hidden'][1]}" + _errors(d)
     if "shape" not in d:
         return f"  {change.node:<40} {change.op} {change.reason}"
     shape = "x".join(str(x) for x in d["shape"])
+    if "rank" not in d and "decomposition" not in d:
+        return _compressed_line(change, shape)
     if "decomposition" in d:
         rank = f"{d['decomposition']} rank {'/'.join(str(r) for r in d['ranks'])}"
     else:
@@ -148,3 +154,30 @@ def _rewritten_line(change) -> str:
     if isinstance(latency, dict) and d.get("decomposition") in latency:
         parts.append(latency[d["decomposition"]])
     return "  ".join(parts)
+
+
+def _errors(d) -> str:
+    """The calibrated output error of a layer, before and after a low-rank compensation."""
+    out = ""
+    if d.get("calib_error") is not None:
+        out += f"  output err {d['calib_error']:.4f}"
+    if d.get("calib_error_compensated") is not None:
+        out += f" -> {d['calib_error_compensated']:.4f} with rank-{d['compensation_rank']} compensation"
+    return out
+
+
+def _compressed_line(change, shape: str) -> str:
+    """A quantized or sparsified layer: format, bytes, calibrated error."""
+    d = change.details
+    parts = [f"  {change.node:<40} {shape}"]
+    if "bits" in d:
+        parts.append(f"{d['bits']}-bit blocks of {d['block_size']}")
+    elif "sparsity" in d:
+        parts.append(f"sparsity {d['sparsity']:.0%}")
+    else:
+        parts.append("int8" + (" weight-only" if d.get("weight_only") else ""))
+    if "smooth_alpha" in d and d["smooth_alpha"] is not None:
+        parts.append(f"smoothing {d['smooth_alpha']}")
+    if "bytes" in d:
+        parts.append(f"bytes {d['bytes']:,} -> {d['bytes_after']:,}")
+    return "  ".join(parts) + _errors(d)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxlr.pipeline import LayerChange, PassRecord, config_dict
@@ -32,6 +33,7 @@ class FoldConstants:
     def run(self, graph: gs.Graph) -> PassRecord:
         record = PassRecord(self.name, config_dict(self.config))
         before = {id(node): node for node in graph.nodes}
+        _fold_dequantized_constants(graph)
         graph.fold_constants(fold_shapes=False, size_threshold=self.config.size_threshold,
                              error_ok=True).cleanup()
         kept = {id(node) for node in graph.nodes}
@@ -39,3 +41,29 @@ class FoldConstants:
             if key not in kept:
                 record.layers.append(LayerChange(node.name, node.op, "rewritten", "folded into a constant"))
         return record
+
+
+def _fold_dequantized_constants(graph: gs.Graph) -> None:
+    """Evaluate ``DequantizeLinear`` of constant tensors (QDQ weights), which onnx-graphsurgeon's folding
+    leaves alone on purpose (TensorRT wants them kept): ``(x - zero_point) * scale`` along ``axis``."""
+    for node in graph.nodes:
+        if node.op != "DequantizeLinear" or not all(isinstance(t, gs.Constant) for t in node.inputs if t.name):
+            continue
+        if node.attrs.get("block_size", 0):
+            continue  # blocked quantization (opset 21): left to ONNX Runtime
+        x = np.asarray(node.inputs[0].values)
+        scale = np.asarray(node.inputs[1].values, dtype=np.float32)
+        zero = (np.asarray(node.inputs[2].values).astype(np.int64) if len(node.inputs) > 2 and node.inputs[2].name
+                else np.zeros_like(scale, dtype=np.int64))
+        if scale.ndim == 1 and x.ndim > 0:  # per-axis: broadcast along ``axis``
+            shape = [1] * x.ndim
+            shape[node.attrs.get("axis", 1) % x.ndim] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        value = ((x.astype(np.int64) - zero) * scale).astype(scale.dtype)
+        out = node.outputs[0]
+        # Readers of the output now read a constant; the node loses its output and cleanup() drops it.
+        for reader in list(out.outputs):
+            reader.inputs[reader.inputs.index(out)] = gs.Constant(out.name + "/folded", value)
+        if out in graph.outputs:
+            graph.outputs[graph.outputs.index(out)] = gs.Constant(out.name + "/folded", value)
+        node.outputs.clear()

@@ -52,9 +52,9 @@ from typing import Collection, Iterator, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxlr import pruning
+from onnxlr import pruning, quantization
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import consumer_counts, unique_name
+from onnxlr.graph import add_low_rank_branch, consumer_counts, unique_name
 from onnxlr.passes.factorize_matmul import Layer, match_layer
 from onnxlr.pipeline import LayerChange, PassRecord, config_dict
 from onnxlr.runtimes.stats import TensorStats
@@ -509,12 +509,15 @@ class PruneUnstructuredConfig:
     pattern : ``"N:M"``, e.g. ``"2:4"``: N kept in every M consecutive inputs (give one of the two).
     score : ``magnitude`` or ``wanda`` (needs statistics of each layer input; layers without them fall
         back to magnitude, and their record says so).
+    compensation_rank : add a float rank-r branch fitted to each layer's pruning error in the activation
+        eigenspace (EoRA, :func:`onnxlr.quantization.low_rank_compensation`; needs statistics).
     only, exclude : node or weight names to restrict to / leave alone.
     """
 
     sparsity: float | None = None
     pattern: str | None = None
     score: str = "magnitude"
+    compensation_rank: int = 0
     only: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
 
@@ -527,6 +530,8 @@ class PruneUnstructuredConfig:
             match = re.fullmatch(r"(\d+):(\d+)", self.pattern)
             if not match or not 0 < int(match[1]) <= int(match[2]):
                 raise OnnxlrError(f"sparsity pattern must be N:M with 0 < N <= M, got {self.pattern!r}")
+        if self.compensation_rank < 0:
+            raise OnnxlrError(f"compensation rank must be non-negative, got {self.compensation_rank}")
         if self.score not in ("magnitude", "wanda"):
             raise OnnxlrError(f"unknown pruning score {self.score!r} (choose from magnitude, wanda)")
         self.only = None if self.only is None else tuple(self.only)
@@ -576,7 +581,7 @@ class PruneUnstructured:
         record = PassRecord(self.name, config_dict(self.config))
         _check_names(graph, self.config.only, self.config.exclude, DENSE_OPS, weights=True)
         for layer in _prunable_layers(graph, self.config):
-            record.layers.append(layer if isinstance(layer, LayerChange) else self._prune(layer))
+            record.layers.append(layer if isinstance(layer, LayerChange) else self._prune(graph, layer))
         return record
 
     def _input_stats(self, layer: Layer) -> TensorStats | None:
@@ -589,7 +594,7 @@ class PruneUnstructured:
                               f"expected {layer.W.shape[0]}")
         return st
 
-    def _prune(self, layer: Layer) -> LayerChange:
+    def _prune(self, graph: gs.Graph, layer: Layer) -> LayerChange:
         W = np.asarray(layer.W)
         k, n = W.shape
         st = self._input_stats(layer)
@@ -616,4 +621,10 @@ class PruneUnstructured:
                        sparsity=round(1.0 - float(keep.mean()), 4))
         if st is not None:
             details["calib_error"] = pruning.output_error(W, pruned, st.gram)
+            rank = min(self.config.compensation_rank, k, n)
+            if rank:
+                A, B = quantization.low_rank_compensation(W, pruned, st.gram, rank)
+                details["compensation_rank"] = rank
+                details["calib_error_compensated"] = pruning.output_error(W, pruned + A @ B, st.gram)
+                add_low_rank_branch(graph, layer.node.outputs[0], layer.node.inputs[0], A, B, layer.node.name)
         return LayerChange(layer.node.name, layer.node.op, "rewritten", "", details)

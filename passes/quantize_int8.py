@@ -31,6 +31,7 @@ nearest, does not smooth and does not compensate, and says so in its record.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Collection, Mapping
@@ -65,7 +66,8 @@ class QuantizeInt8Config:
         ``MatMulIntegerToFloat`` contrib op with the bias folded in: fewer nodes, ORT only).
     compensation_rank : rank of the float low-rank correction of each layer's quantization error (0: none).
     min_params : leave weights smaller than this dense (their bytes do not matter, their error can).
-    convs, tables : also store Conv weights / Gather tables as int8 (weight-only).
+    matmuls, convs, tables : quantize MatMul/Gemm layers; store Conv weights / Gather tables as int8
+        (weight-only).
     only, exclude : node names to restrict to / to leave alone.
     """
 
@@ -76,6 +78,7 @@ class QuantizeInt8Config:
     per_token: bool | Collection[str] = False
     static_format: str = "qdq"
     min_params: int = 1024
+    matmuls: bool = True
     convs: bool = True
     tables: bool = True
     only: Collection[str] | None = None
@@ -100,6 +103,8 @@ def _selected(config: QuantizeInt8Config, node: gs.Node) -> bool:
 
 def quantizable_layers(graph: gs.Graph, config: QuantizeInt8Config) -> tuple[list[Layer], list[LayerChange]]:
     """MatMul/Gemm layers the pass rewrites, and the skips with reasons."""
+    if not config.matmuls:
+        return [], []
     layers, skipped = find_layers(graph)
     kept = []
     for layer in layers:
@@ -123,6 +128,7 @@ def stats_tensors(graph: gs.Graph, config: QuantizeInt8Config) -> list[str]:
 
 class QuantizeInt8:
     name = "quantize_int8"
+    stats_tensors = staticmethod(stats_tensors)
 
     def __init__(self, config: QuantizeInt8Config | None = None, stats: Mapping[str, TensorStats] | None = None):
         self.config = config or QuantizeInt8Config()
@@ -145,8 +151,12 @@ class QuantizeInt8:
 
     def _quantize_group(self, graph: gs.Graph, group: list[Layer]) -> list[LayerChange]:
         """Quantize every layer reading the same X; they share smoothing and the activation quantizer."""
-        cfg = self.config
         X = group[0].node.inputs[0]
+        cfg = self.config
+        if cfg.activations != "none" and any(node.op == "DequantizeLinear" for node in getattr(X, "inputs", [])):
+            # The input already carries a QuantizeLinear/DequantizeLinear pair: quantizing it again would
+            # add a second rounding; the weights alone are quantized, and ORT fuses the pair with them.
+            cfg = dataclasses.replace(cfg, activations="none")
         st = self.stats.get(X.name)
         k = group[0].W.shape[0]
         s, alpha = np.ones(k), None

@@ -218,8 +218,8 @@ def packed_bytes(K: int, N: int, config: QuantizeMatMulNBitsConfig, dtype: np.dt
 
 def stats_tensors(graph: gs.Graph, config: QuantizeMatMulNBitsConfig) -> list[str]:
     """Names of the tensors whose calibration statistics (Gram) the pass uses: the inputs X of the
-    layers it would quantize, when rounding is ``gptq``; empty otherwise."""
-    if config.rounding != "gptq":
+    layers it would quantize, when rounding is ``gptq`` or compensation is asked for; empty otherwise."""
+    if config.rounding != "gptq" and not config.compensation_rank:
         return []
     layers, _ = find_layers(graph, config)
     return sorted({layer.node.inputs[0].name for layer in layers})
@@ -233,6 +233,7 @@ class QuantizeMatMulNBits:
     """
 
     name = "quantize_matmul_nbits"
+    stats_tensors = staticmethod(stats_tensors)
 
     def __init__(self, config: QuantizeMatMulNBitsConfig | None = None,
                  stats: Mapping[str, TensorStats] | None = None):

@@ -1,0 +1,94 @@
+"""Named recipes: which compression passes run after the optional low-rank factorization, and how.
+
+A recipe is a short list of steps; each step is a pass class and a function giving its config from
+whether calibration data was given. :func:`onnxlr.api.optimize` runs the steps in order on the
+(factorized) model, collecting fresh calibration statistics before every step that uses them —
+pruning changes the shapes the next step sees — and validates the end result like any other run.
+``onnxlr recipes`` lists them; docs/benchmarks.md compares them on MiniLM and the MNIST CNN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from onnxlr.errors import OnnxlrError
+from onnxlr.passes.prune import PruneStructured, PruneStructuredConfig, PruneUnstructured, PruneUnstructuredConfig
+from onnxlr.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
+from onnxlr.passes.quantize_nbits import QuantizeMatMulNBits, QuantizeMatMulNBitsConfig
+
+COMPENSATION_RANK = 16
+PRUNE_RATIO = 0.1
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pass of a recipe: ``config(calibrated)`` builds its config."""
+
+    pass_class: type
+    config: Callable[[bool], Any]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    factorize: bool = False  # run the low-rank factorization (optimize's rank options) first
+    steps: tuple[Step, ...] = field(default_factory=tuple)
+    needs_calib: bool = False
+
+
+def _int8(calibrated: bool, **overrides) -> QuantizeInt8Config:
+    """int8 everywhere: with calibration data, static activation ranges in ORT's fused form, GPTQ
+    rounding and SmoothQuant chosen per layer input; without, dynamic ranges and nearest rounding
+    (what ``onnxruntime.quantization.quantize_dynamic`` does, plus per-row embedding tables)."""
+    if calibrated:
+        return QuantizeInt8Config(activations="static", static_format="ort", **overrides)
+    return QuantizeInt8Config(activations="dynamic", rounding="nearest", smooth_alpha=None, **overrides)
+
+
+_INT8 = Step(QuantizeInt8, _int8)
+_TABLES_INT8 = Step(QuantizeInt8, lambda calibrated: QuantizeInt8Config(matmuls=False))
+
+
+def _nbits(compensation_rank: int) -> Step:
+    return Step(QuantizeMatMulNBits, lambda calibrated: QuantizeMatMulNBitsConfig(
+        bits=4, block_size=32, rounding="gptq" if calibrated else "nearest",
+        compensation_rank=compensation_rank if calibrated else 0))
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("lowrank", "low-rank factorization of MatMul/Gemm (and Conv) layers; the rank options apply",
+           factorize=True),
+    Recipe("int8", "int8 weights, activations and embedding tables; with --calib: static ranges, GPTQ "
+           "rounding, SmoothQuant per layer input (ORT's fused integer MatMul); without: dynamic ranges",
+           steps=(_INT8,)),
+    Recipe("int8-qdq", "as int8 with --calib, written as QuantizeLinear/DequantizeLinear pairs: portable "
+           "to mobile providers, slower than int8 on ONNX Runtime CPU (bias not fused)",
+           steps=(Step(QuantizeInt8, lambda calibrated: QuantizeInt8Config(activations="static")),),
+           needs_calib=True),
+    Recipe("int8-weights", "int8 weights and tables only (float compute): 4x smaller file, same speed",
+           steps=(Step(QuantizeInt8, lambda calibrated: QuantizeInt8Config(activations="none")),)),
+    Recipe("lowrank+int8", "low-rank factorization, then int8 of the factors and the rest", factorize=True,
+           steps=(_INT8,)),
+    Recipe("prune+int8", f"structured pruning of {PRUNE_RATIO:.0%} of the hidden units of two-layer blocks "
+           "(MLPs, conv pairs; refit on --calib), then int8", steps=(
+               Step(PruneStructured, lambda calibrated: PruneStructuredConfig(ratio=PRUNE_RATIO)), _INT8)),
+    Recipe("int4", "4-bit block-wise MatMul weights (MatMulNBits, block 32; GPTQ with --calib), int8 tables",
+           steps=(_nbits(0), _TABLES_INT8)),
+    Recipe("int4+comp", f"int4 plus a float rank-{COMPENSATION_RANK} correction of each layer's 4-bit error "
+           "fitted in the activation eigenspace (EoRA)", steps=(_nbits(COMPENSATION_RANK), _TABLES_INT8),
+           needs_calib=True),
+    Recipe("sparse+comp", f"2:4 Wanda sparsity of MatMul weights plus a rank-{COMPENSATION_RANK} correction "
+           "(EoRA); ONNX Runtime CPU has no sparse kernels, so this saves nothing there (reported)",
+           steps=(Step(PruneUnstructured, lambda calibrated: PruneUnstructuredConfig(
+               pattern="2:4", score="wanda", compensation_rank=COMPENSATION_RANK)),), needs_calib=True),
+)}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name``; a clear error naming the choices otherwise."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise OnnxlrError(f"unknown recipe {name!r} (choose from {', '.join(RECIPES)})") from None
