@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from onnxlr import io, linalg, prequantized
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import count_parameters, import_graph, truncated, with_shapes
+from onnxlr.graph import count_parameters, import_graph, truncated
 from onnxlr.macs import count_macs
 from onnxlr.calibration import calibration_batches, find_mask_input
 from onnxlr import conv_factors
@@ -488,7 +488,6 @@ def optimize(
         optimized, compressed = _compress(optimized, steps, calib, samples=calib_samples,
                                           batch_size=batch_size, threads=threads)
         records += compressed
-    optimized = with_shapes(optimized)
     try:
         io.check_model(optimized)
     except Exception as exc:  # a broken rewrite is a bug in onnxlr, not a user error

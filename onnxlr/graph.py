@@ -141,12 +141,3 @@ def add_low_rank_branch(graph: gs.Graph, Y: gs.Variable, X: gs.Tensor, A: np.nda
         gs.Node("Add", name=unique_name(graph, f"{name}/compensate"), inputs=[inner, delta], outputs=[Y]),
     ])
 
-
-def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with ONNX shape inference's value_info. Tensors created by rewrites carry no shapes,
-    and ONNX Runtime's fusions (SkipLayerNormalization, …) compare symbolic shapes; a model shape
-    inference cannot handle is returned unchanged."""
-    try:
-        return onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 — inference is an optimisation hint, never a reason to fail
-        return model

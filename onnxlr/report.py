@@ -113,6 +113,11 @@ class Report:
                     f"(p90 {p.latency_original.p90_ms:.2f}) -> {p.latency_optimized.median_ms:.2f} ms "
                     f"(p90 {p.latency_optimized.p90_ms:.2f}), speed-up {p.speedup:.2f}x"
                 )
+                if p.lost_fusions:
+                    lost = ", ".join(f"{op} {a} -> {b}" for op, (a, b) in p.lost_fusions.items())
+                    lines.append(f"    ONNX Runtime fusions lost: {lost}")
+                elif p.lost_fusions is not None:
+                    lines.append("    ONNX Runtime fusions: none of the original's lost")
                 for c in p.outputs:
                     lines.append(
                         f"    output {c.name}: max abs {c.max_abs:.3g}, rel L2 {c.rel_l2:.3g}, "

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from onnxlr.errors import OnnxlrError
 from onnxlr.runtimes import compare as cmp
+from onnxlr.runtimes import fusions
 from onnxlr.runtimes import latency as lat
 from onnxlr.runtimes.feeds import batches
 from onnxlr.runtimes.providers import make_session, missing_reason
@@ -28,6 +29,8 @@ class ProviderResult:
     outputs: list[cmp.OutputComparison] = field(default_factory=list)
     latency_original: lat.Latency | None = None
     latency_optimized: lat.Latency | None = None
+    # CPU only: ONNX Runtime fusions the original got and the optimized model lost, op -> (before, after)
+    lost_fusions: dict[str, tuple[int, int]] | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -97,7 +100,11 @@ def validate_models(
         outputs = [cmp.compare(name, reference[name], produced[name]) for name in reference]
         timing = lat.measure({"original": ref_session, "optimized": opt_session}, first,
                              warmup=warmup, repeats=repeats)
-        results.append(ProviderResult(provider, True, "", outputs, timing["original"], timing["optimized"]))
+        result = ProviderResult(provider, True, "", outputs, timing["original"], timing["optimized"])
+        if provider == "CPUExecutionProvider":
+            result.lost_fusions = fusions.lost_fusions(fusions.fused_op_counts(original, threads),
+                                                       fusions.fused_op_counts(optimized, threads))
+        results.append(result)
     leading = {v.shape[0] for v in feeds.values() if v.ndim}
     samples = leading.pop() if len(leading) == 1 else 1
     return Validation(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -356,13 +355,9 @@ def test_structured_only_and_unknown_names():
         PassManager([PruneStructured(PruneStructuredConfig(only=("nope",)))]).run(model)
 
 
-MINILM = Path.home() / ".cache" / "onnxlr" / "minilm.onnx"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not MINILM.exists(), reason="MiniLM not built (python -m onnxlr.models)")
-def test_minilm_all_six_ffn_blocks_shrink():
-    model = onnx.load(str(MINILM))
+def test_minilm_all_six_ffn_blocks_shrink(minilm_path):
+    model = onnx.load(str(minilm_path))
     out, record = prune(model, PruneStructured(PruneStructuredConfig(ratio=0.25)))
     assert [c.details["hidden"] for c in record.rewritten] == [[1536, 1152]] * 6
     shapes = [list(t.dims) for t in out.graph.initializer]

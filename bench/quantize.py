@@ -1,0 +1,149 @@
+"""Quantization and sparsity recipes (issue #5) against ONNX Runtime's own quantizers, side by side.
+
+    python bench/quantize.py [--cache-dir DIR] [--write docs/benchmarks.md]
+
+Every recipe of ``onnxlr recipes`` and ORT's ``quantize_dynamic`` (per tensor, per channel) and
+``MatMulNBitsQuantizer`` (4-bit, block 32) run on the same model, in one process; the variants' latency
+is measured interleaved (A B C … A B C …) after warm-ups and quoted as the ratio of medians to the
+original's. Calibration and evaluation data are disjoint: MiniLM is calibrated on 256 sentences and
+scored on 512 others (batch 8 × 64 tokens for latency), the MNIST LeNet calibrated on 256 training
+digits and scored on the 1000 test digits (batch 64 for latency, 5× the repeats). Size = bytes of the serialized model.
+``lowrank+int8`` factorizes with ``--target params=0.9`` first.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+import onnxlr
+from onnxlr.models import metrics, minilm, mnist, text
+from onnxlr.recipes import RECIPES
+from onnxlr.runtimes.latency import measure
+from onnxlr.runtimes.providers import make_session
+
+sys.path.insert(0, str(Path(__file__).parent))
+from plain_svd import bench_parser, emit  # noqa: E402
+
+MARK = "quantize"
+THREADS = 2
+RECIPE_OPTIONS = {"lowrank+int8": {"target": "params=0.9"}}
+
+
+def ort_baselines(path: Path) -> dict[str, tuple[bytes, float]]:
+    """label -> (serialized model, build seconds) for ONNX Runtime's own quantizers."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, per_channel in (("ORT quantize_dynamic, per tensor", False),
+                                   ("ORT quantize_dynamic, per channel", True)):
+            dst = Path(tmp) / "q.onnx"
+            start = time.perf_counter()
+            quantize_dynamic(str(path), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8)
+            out[label] = (dst.read_bytes(), time.perf_counter() - start)
+        start = time.perf_counter()
+        quantizer = MatMulNBitsQuantizer(onnx.load(path), bits=4, block_size=32, is_symmetric=True)
+        quantizer.process()
+        out["ORT MatMulNBits 4-bit, block 32"] = (quantizer.model.model.SerializeToString(),
+                                                  time.perf_counter() - start)
+    return out
+
+
+def recipes(path: Path, calib) -> dict[str, tuple[bytes, float]]:
+    """label -> (serialized model, build seconds) for every onnxlr recipe (statistics, passes, checks)."""
+    out = {}
+    for name in RECIPES:
+        if name == "lowrank":
+            continue  # measured in the calibrated and allocation sections
+        start = time.perf_counter()
+        model, _ = onnxlr.optimize(path, recipe=name, calib=calib, validate=False, **RECIPE_OPTIONS.get(name, {}))
+        out[f"onnxlr {name}"] = (model.SerializeToString(), time.perf_counter() - start)
+    return out
+
+
+def variants(path: Path, calib) -> dict[str, tuple[bytes, float]]:
+    return {"original (fp32)": (path.read_bytes(), 0.0), **ort_baselines(path), **recipes(path, calib)}
+
+
+def timing(models: dict[str, tuple[bytes, float]], feeds, repeats: int):
+    sessions = {label: make_session(blob, "CPUExecutionProvider", THREADS) for label, (blob, _) in models.items()}
+    return measure(sessions, feeds, warmup=5, repeats=repeats)
+
+
+def bench_minilm(cache: Path, repeats: int) -> list[str]:
+    path = minilm.build(cache)
+    calib_npz, eval_npz = text.build_splits(cache)
+    feeds = text.load(eval_npz)
+    models = variants(path, calib_npz)
+    times = timing(models, {k: v[:8] for k, v in feeds.items()}, repeats)
+    reference = minilm.embed(models["original (fp32)"][0], feeds)
+    base = times["original (fp32)"].median_ms
+    rows = ["| variant | size (MB) | speed-up (b8×64) | cosine mean (min) | top-10 overlap | build (s) |",
+            "|---|---|---|---|---|---|"]
+    for label, (blob, seconds) in models.items():
+        emb = minilm.embed(blob, feeds)
+        cos = metrics.cosine_rows(reference, emb)
+        rows.append(f"| {label} | {len(blob) / 1e6:.2f} | {base / times[label].median_ms:.2f}× | "
+                    f"{cos.mean():.4f} ({cos.min():.3f}) | {metrics.topk_overlap(reference, emb, k=10):.3f} | "
+                    f"{seconds:.1f} |")
+    return rows
+
+
+def bench_mnist(cache: Path, repeats: int) -> list[str]:
+    path = mnist.build(cache)
+    images, labels = mnist.load_test(cache)
+    models = variants(path, cache / "mnist_calib.npz")
+    times = timing(models, {"image": images[:64]}, 5 * repeats)  # a run takes ~2 ms: more of them
+    reference = None
+    base = times["original (fp32)"].median_ms
+    rows = ["| variant | size (KB) | speed-up (b64) | accuracy | top-1 agreement | build (s) |",
+            "|---|---|---|---|---|---|"]
+    for label, (blob, seconds) in models.items():
+        logits = make_session(blob, "CPUExecutionProvider", THREADS).run(None, {"image": images})[0]
+        reference = logits if reference is None else reference
+        rows.append(f"| {label} | {len(blob) / 1e3:.1f} | {base / times[label].median_ms:.2f}× | "
+                    f"{metrics.accuracy(logits, labels):.3f} | {metrics.top1_agreement(reference, logits):.3f} | "
+                    f"{seconds:.1f} |")
+    return rows
+
+
+def section(cache: Path, repeats: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        f"<!-- {MARK}:begin -->",
+        "## Quantization and sparsity recipes, issue #5",
+        "",
+        f"Command: `python bench/quantize.py --write docs/benchmarks.md` (onnxruntime {ort.__version__}, "
+        f"CPUExecutionProvider, {THREADS} threads, {os.cpu_count()} cores, {cpu}; {repeats} interleaved timed "
+        "runs of every variant after 5 warm-ups, speed-up = original median / variant median). "
+        "`onnxlr recipes` describes each recipe.",
+        "",
+        "### all-MiniLM-L6-v2 (512 evaluation sentences, fidelity against the original)",
+        "",
+        *bench_minilm(cache, repeats),
+        "",
+        "### LeNet on MNIST (1000 held-out digits)",
+        "",
+        *bench_mnist(cache, repeats),
+        f"<!-- {MARK}:end -->",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = bench_parser(__doc__, MARK)
+    parser.add_argument("--repeats", type=int, default=40)
+    args = parser.parse_args(argv)
+    return emit(section(args.cache_dir, args.repeats), args, MARK)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
