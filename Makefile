@@ -26,6 +26,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/calibrated.py --write docs/benchmarks.md
 	$(PY) bench/allocation_costs.py --write docs/benchmarks.md
 	$(PY) bench/conv.py --write docs/benchmarks.md
+	$(PY) bench/quantize.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -25,8 +25,7 @@ Scale and zero point follow ONNX Runtime's own quantizer (MLAS ``BlockwiseQuanti
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
-
+from onnxlr import quantization
 from onnxlr.linalg import output_error  # noqa: F401  (re-exported: the error every pass reports)
 
 SUPPORTED_BITS = (4, 8)
@@ -135,56 +134,32 @@ def gptq_blockwise(W: np.ndarray, G: np.ndarray, bits: int = 4, block_size: int 
     """Block-wise quantization of W (K, N) with GPTQ rounding (Frantar et al. 2022) for the
     calibration Gram G (K, K); same outputs as :func:`quantize_blockwise`.
 
-    The input channels (rows of W) are quantized in order; each row's rounding error is pushed onto
-    the rows not yet quantized so as to minimise ``||X (W - W_hat)||_F``: with ``U`` the upper
-    Cholesky factor of ``H^-1`` (``H`` = G plus ``damp`` times its mean diagonal, which keeps H
-    invertible when some inputs are collinear), row k's error ``e = (w_k - w_hat_k) / U[k, k]``
-    updates rows j > k by ``- U[k, j] e``. A block's scales and zero points are set from the rows as
-    updated when the block starts. Updates beyond the current block are applied once per block.
+    The loop is :func:`onnxlr.quantization.gptq` with one lazy batch per quantization block: a
+    block's scales and zero points are set from its rows as updated when the block starts.
     """
     check_format(bits, block_size)
     W = np.asarray(W)
     K, N = W.shape
     if np.shape(G) != (K, K):
         raise ValueError(f"Gram must be ({K}, {K}) for a weight with K={K}, got {np.shape(G)}")
-    work = np.array(W, dtype=np.float64)
-    H = np.array(G, dtype=np.float64)
-    diag = np.diag(H).copy()
-    dead = diag <= 0
-    # An input never active in the calibration data leaves its row free: a unit diagonal makes GPTQ
-    # round it to nearest (no error is pushed from or onto it), safer than the paper's zeroing
-    # should that input ever fire.
-    H[dead, dead] = 1.0
-    H[np.diag_indices(K)] += damp * float(np.mean(np.where(dead, 1.0, diag)))
-    U = _upper_cholesky_of_inverse(H)
-
     nb = n_blocks(K, block_size)
     dtype = _scale_dtype(W)
     q = np.empty((N, nb, block_size), np.uint8)
     scales = np.empty((N, nb), dtype)
     zero_points = np.empty((N, nb), np.uint8)
-    for b in range(nb):
-        start, stop = b * block_size, min((b + 1) * block_size, K)
-        rows = work[start:stop]
-        s, z = block_parameters(rows.min(axis=0), rows.max(axis=0), bits, symmetric, dtype)
-        scales[:, b], zero_points[:, b] = s, z
-        q[:, b, :] = z[:, None]  # padding rows: the level of 0
-        errors = np.empty((stop - start, N))
-        for i, k in enumerate(range(start, stop)):
-            levels = quantize_values(work[k], s, z, bits)
-            q[:, b, i] = levels
-            errors[i] = (work[k] - dequantize_values(levels, s, z)) / U[k, k]
-            work[k + 1:stop] -= np.outer(U[k, k + 1:stop], errors[i])
-        work[stop:] -= U[start:stop, stop:].T @ errors
+
+    def start_block(start, stop, rows):
+        b = start // block_size
+        scales[:, b], zero_points[:, b] = block_parameters(rows.min(axis=0), rows.max(axis=0), bits, symmetric, dtype)
+        q[:, b, :] = zero_points[:, b, None]  # padding rows: the level of 0
+
+    def round_row(k, row):
+        b, i = divmod(k, block_size)
+        q[:, b, i] = quantize_values(row, scales[:, b], zero_points[:, b], bits)
+        return dequantize_values(q[:, b, i], scales[:, b], zero_points[:, b])
+
+    quantization.gptq(W, G, round_row, damp=damp, block=block_size, start_block=start_block)
     return q, scales, None if symmetric else zero_points
-
-
-def _upper_cholesky_of_inverse(H: np.ndarray) -> np.ndarray:
-    """Upper-triangular U with ``H^-1 = Uᵀ U``; row k of U (divided by ``U[k, k]``) is how GPTQ
-    spreads row k's error over the rows after it."""
-    L = np.linalg.cholesky(H)
-    L_inv = scipy.linalg.solve_triangular(L, np.eye(H.shape[0]), lower=True)
-    return np.linalg.cholesky(L_inv.T @ L_inv).T
 
 
 def pack_matmulnbits(q: np.ndarray, zero_points: np.ndarray | None, bits: int):

@@ -73,41 +73,52 @@ def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.asarray(q, dtype=np.float64) * np.asarray(scale, dtype=np.float64)
 
 
-def gptq_per_channel(W: np.ndarray, G: np.ndarray, bits: int = 8, *, damp: float = 0.01,
-                     block: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ rounding of ``W`` (k, n) for inputs with Gram ``G`` (k, k); same outputs as
-    :func:`quantize_per_channel` (the scales are the same, only the rounding differs).
+def gptq(W: np.ndarray, G: np.ndarray, round_row, *, damp: float = 0.01, block: int = 128,
+         start_block=None) -> None:
+    """The GPTQ loop (Frantar et al. 2022), for any quantizer.
 
-    The rows are quantized in order; the error of row i, divided by the i-th diagonal of the upper
-    Cholesky factor U of ``(G + damp·mean(diag G)·I)⁻¹``, is subtracted from the later rows along U's
-    i-th row — the closed-form optimal update of the remaining weights (optimal brain surgeon). Rows
-    are processed in blocks of ``block`` with one deferred update per block (the lazy-batch trick).
-    Inputs that never fire (zero diagonal) are quantized to 0 and skipped.
+    The input rows of ``W`` (k, n) are rounded in order by ``round_row(i, row) -> rounded row``; the
+    error of row i, divided by the i-th diagonal of the upper Cholesky factor U of
+    ``(G + damp·mean(diag G)·I)⁻¹``, is subtracted from the later rows along U's i-th row — the
+    closed-form optimal update of the weights not yet rounded (optimal brain surgeon), so the *output*
+    error ``||X (W - Ŵ)||`` is what gets minimised. Rows go in blocks of ``block`` with one deferred
+    update per block (the lazy-batch trick); ``start_block(start, stop, rows)`` sees each block's rows
+    as updated so far, before any is rounded (block-wise scales are set there). An input that never
+    fires (zero diagonal) gets a unit diagonal: its row is rounded to nearest, nothing pushed from it.
     """
-    W = np.array(W, dtype=np.float64)
-    k, n = W.shape
-    G = linalg._as_gram(G, k)
-    scale = channel_scales(W, bits)
-    qmax = _qmax(bits)
-    H = np.array(G, dtype=np.float64)
-    dead = np.diag(H) <= 0
+    work = np.array(W, dtype=np.float64)
+    k = work.shape[0]
+    H = np.array(linalg._as_gram(G, k), dtype=np.float64)
+    diag = np.diag(H).copy()
+    dead = diag <= 0
     H[dead, dead] = 1.0
-    W[dead] = 0.0
-    H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
-    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: (H⁻¹) = Uᵀ U
-    q = np.zeros((k, n), dtype=np.int8)
+    H[np.diag_indices(k)] += damp * float(np.mean(np.where(dead, 1.0, diag)))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: H⁻¹ = Uᵀ U
     for start in range(0, k, block):
         stop = min(start + block, k)
-        Wb = W[start:stop].copy()
-        Eb = np.zeros_like(Wb)
-        for i in range(stop - start):
-            row = Wb[i]
-            codes = np.clip(np.rint(row / scale), -qmax, qmax)
-            q[start + i] = codes
-            err = (row - codes * scale) / U[start + i, start + i]
-            Wb[i + 1:] -= np.outer(U[start + i, start + i + 1:stop], err)
-            Eb[i] = err
-        W[stop:] -= U[start:stop, stop:].T @ Eb
+        if start_block is not None:
+            start_block(start, stop, work[start:stop])
+        errors = np.empty((stop - start, work.shape[1]))
+        for i in range(start, stop):
+            errors[i - start] = (work[i] - round_row(i, work[i])) / U[i, i]
+            work[i + 1:stop] -= np.outer(U[i, i + 1:stop], errors[i - start])
+        work[stop:] -= U[start:stop, stop:].T @ errors
+
+
+def gptq_per_channel(W: np.ndarray, G: np.ndarray, bits: int = 8, *, damp: float = 0.01,
+                     block: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ rounding (:func:`gptq`) of ``W`` (k, n) for inputs with Gram ``G`` (k, k); same outputs
+    as :func:`quantize_per_channel` (the scales are the same, only the rounding differs)."""
+    W = np.asarray(W, dtype=np.float64)
+    scale = channel_scales(W, bits)
+    qmax = _qmax(bits)
+    q = np.zeros(W.shape, dtype=np.int8)
+
+    def round_row(i, row):
+        q[i] = np.clip(np.rint(row / scale), -qmax, qmax)
+        return q[i] * scale
+
+    gptq(W, G, round_row, damp=damp, block=block)
     return q, as_stored(scale)
 
 

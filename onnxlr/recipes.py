@@ -41,10 +41,13 @@ class Recipe:
 def _int8(calibrated: bool, **overrides) -> QuantizeInt8Config:
     """int8 everywhere: with calibration data, static activation ranges in ORT's fused form, GPTQ
     rounding and SmoothQuant chosen per layer input; without, dynamic ranges and nearest rounding
-    (what ``onnxruntime.quantization.quantize_dynamic`` does, plus per-row embedding tables)."""
+    (what ``onnxruntime.quantization.quantize_dynamic`` does, plus per-row embedding tables). Conv
+    weights stay float: ONNX Runtime keeps a DequantizeLinear before a Conv unfolded and the Conv out
+    of its fused kernels (the MNIST LeNet ran at 0.72x with int8 conv weights, docs/benchmarks.md)."""
     if calibrated:
-        return QuantizeInt8Config(activations="static", static_format="ort", **overrides)
-    return QuantizeInt8Config(activations="dynamic", rounding="nearest", smooth_alpha=None, **overrides)
+        return QuantizeInt8Config(activations="static", static_format="ort", convs=False, **overrides)
+    return QuantizeInt8Config(activations="dynamic", rounding="nearest", smooth_alpha=None, convs=False,
+                              **overrides)
 
 
 _INT8 = Step(QuantizeInt8, _int8)
@@ -60,14 +63,15 @@ def _nbits(compensation_rank: int) -> Step:
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("lowrank", "low-rank factorization of MatMul/Gemm (and Conv) layers; the rank options apply",
            factorize=True),
-    Recipe("int8", "int8 weights, activations and embedding tables; with --calib: static ranges, GPTQ "
+    Recipe("int8", "int8 MatMul/Gemm weights and activations, int8 embedding tables; with --calib: static ranges, GPTQ "
            "rounding, SmoothQuant per layer input (ORT's fused integer MatMul); without: dynamic ranges",
            steps=(_INT8,)),
     Recipe("int8-qdq", "as int8 with --calib, written as QuantizeLinear/DequantizeLinear pairs: portable "
            "to mobile providers, slower than int8 on ONNX Runtime CPU (bias not fused)",
-           steps=(Step(QuantizeInt8, lambda calibrated: QuantizeInt8Config(activations="static")),),
+           steps=(Step(QuantizeInt8, lambda calibrated: QuantizeInt8Config(activations="static", convs=False)),),
            needs_calib=True),
-    Recipe("int8-weights", "int8 weights and tables only (float compute): 4x smaller file, same speed",
+    Recipe("int8-weights", "int8 weights, tables and conv weights, float compute: 4x smaller file, no faster "
+           "(CNNs slower: ORT keeps the conv weights' DequantizeLinear)",
            steps=(Step(QuantizeInt8, lambda calibrated: QuantizeInt8Config(activations="none")),)),
     Recipe("lowrank+int8", "low-rank factorization, then int8 of the factors and the rest", factorize=True,
            steps=(_INT8,)),
