@@ -1,6 +1,7 @@
 """Quantization and sparsity recipes (issue #5) against ONNX Runtime's own quantizers, side by side.
 
     python bench/quantize.py [--cache-dir DIR] [--write docs/benchmarks.md]
+    python bench/quantize.py --ab 5      # the speed goal alone: ORT int8 per channel vs onnxlr int8
 
 Every recipe of ``onnxlr recipes`` and ORT's ``quantize_dynamic`` (per tensor, per channel) and
 ``MatMulNBitsQuantizer`` (4-bit, block 32) run on the same model, in one process; the variants' latency
@@ -138,10 +139,32 @@ def section(cache: Path, repeats: int) -> str:
     return "\n".join(lines)
 
 
+def ab(cache: Path, runs: int, repeats: int = 300) -> None:
+    """The speed goal alone: original, ORT per-channel int8 and onnxlr int8 on MiniLM, interleaved,
+    ``repeats`` timed runs each, ``runs`` times over (prints one line per run)."""
+    path = minilm.build(cache)
+    calib_npz, eval_npz = text.build_splits(cache)
+    feeds = {k: v[:8] for k, v in text.load(eval_npz).items()}
+    models = {"original": (path.read_bytes(), 0.0)}
+    models.update({k: v for k, v in ort_baselines(path).items() if "per channel" in k})
+    models["onnxlr int8"] = (onnxlr.optimize(path, recipe="int8", calib=calib_npz, validate=False)[0]
+                             .SerializeToString(), 0.0)
+    print("  ".join(f"{label}: {len(blob):,} bytes" for label, (blob, _) in models.items()))
+    for run in range(runs):
+        times = timing(models, feeds, repeats)
+        base = times["original"].median_ms
+        print(f"run {run + 1}: " + "  ".join(f"{label} {base / t.median_ms:.3f}×" for label, t in times.items()))
+
+
 def main(argv=None) -> int:
     parser = bench_parser(__doc__, MARK)
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--ab", type=int, metavar="RUNS",
+                        help="only time ORT per-channel int8 against onnxlr int8 on MiniLM, RUNS times")
     args = parser.parse_args(argv)
+    if args.ab:
+        ab(args.cache_dir, args.ab)
+        return 0
     return emit(section(args.cache_dir, args.repeats), args, MARK)
 
 

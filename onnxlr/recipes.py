@@ -51,7 +51,7 @@ def _int8(calibrated: bool, **overrides) -> QuantizeInt8Config:
 
 
 _INT8 = Step(QuantizeInt8, _int8)
-_TABLES_INT8 = Step(QuantizeInt8, lambda calibrated: QuantizeInt8Config(matmuls=False))
+_TABLES_INT8 = Step(QuantizeInt8, lambda calibrated: QuantizeInt8Config(matmuls=False, convs=False))
 
 
 def _nbits(compensation_rank: int) -> Step:
@@ -78,7 +78,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("prune+int8", f"structured pruning of {PRUNE_RATIO:.0%} of the hidden units of two-layer blocks "
            "(MLPs, conv pairs; refit on --calib), then int8", steps=(
                Step(PruneStructured, lambda calibrated: PruneStructuredConfig(ratio=PRUNE_RATIO)), _INT8)),
-    Recipe("int4", "4-bit block-wise MatMul weights (MatMulNBits, block 32; GPTQ with --calib), int8 tables",
+    Recipe("int4", "4-bit block-wise MatMul/Gemm weights (MatMulNBits, block 32; GPTQ with --calib), "
+           "int8 embedding tables",
            steps=(_nbits(0), _TABLES_INT8)),
     Recipe("int4+comp", f"int4 plus a float rank-{COMPENSATION_RANK} correction of each layer's 4-bit error "
            "fitted in the activation eigenspace (EoRA)", steps=(_nbits(COMPENSATION_RANK), _TABLES_INT8),
