@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import numpy as np
 from onnxlr import quantization
-from onnxlr.linalg import output_error  # noqa: F401  (re-exported: the error every pass reports)
 
 SUPPORTED_BITS = (4, 8)
 

@@ -20,8 +20,6 @@ import math
 
 import numpy as np
 
-from onnxlr import linalg
-from onnxlr.linalg import output_error  # noqa: F401  (re-exported: the error every pass reports)
 
 
 def _matrix(W: np.ndarray, name: str) -> np.ndarray:

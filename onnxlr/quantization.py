@@ -21,7 +21,6 @@ from __future__ import annotations
 import numpy as np
 
 from onnxlr import linalg
-from onnxlr.linalg import output_error  # noqa: F401  (re-exported: the error every pass reports)
 
 
 def _qmax(bits: int) -> int:

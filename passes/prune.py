@@ -52,7 +52,7 @@ from typing import Collection, Iterator, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxlr import pruning, quantization
+from onnxlr import linalg, pruning, quantization
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import add_low_rank_branch, consumer_counts, unique_name
 from onnxlr.passes.factorize_matmul import Layer, match_layer
@@ -404,7 +404,7 @@ class PruneStructured:
             W2_after = np.zeros_like(W2)
             W2_after[keep] = W2_kept
             # Centered Gram: the mean error is zero after the bias fold; what is left is the variation.
-            details["calib_error"] = pruning.output_error(W2, W2_after, st.centered_gram)
+            details["calib_error"] = linalg.output_error(W2, W2_after, st.centered_gram)
 
         second_weight = block.second.inputs[1]
         before = sum(np.size(c.values) for c, _ in block.unit_constants) + np.size(second_weight.values)
@@ -620,11 +620,11 @@ class PruneUnstructured:
         details.update(nonzeros=[int(np.count_nonzero(W)), int(np.count_nonzero(pruned))],
                        sparsity=round(1.0 - float(keep.mean()), 4))
         if st is not None:
-            details["calib_error"] = pruning.output_error(W, pruned, st.gram)
+            details["calib_error"] = linalg.output_error(W, pruned, st.gram)
             rank = min(self.config.compensation_rank, k, n)
             if rank:
                 A, B = quantization.low_rank_compensation(W, pruned, st.gram, rank)
                 details["compensation_rank"] = rank
-                details["calib_error_compensated"] = pruning.output_error(W, pruned + A @ B, st.gram)
+                details["calib_error_compensated"] = linalg.output_error(W, pruned + A @ B, st.gram)
                 add_low_rank_branch(graph, layer.node.outputs[0], layer.node.inputs[0], A, B, layer.node.name)
         return LayerChange(layer.node.name, layer.node.op, "rewritten", "", details)

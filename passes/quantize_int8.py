@@ -39,7 +39,7 @@ from typing import Collection, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxlr import quantization
+from onnxlr import linalg, quantization
 from onnxlr.graph import CONTRIB_DOMAIN, add_low_rank_branch, import_contrib_domain, unique_name
 from onnxlr.pipeline import LayerChange, PassRecord, config_dict
 from onnxlr.passes.factorize_matmul import Layer, find_layers
@@ -57,10 +57,6 @@ class QuantizeInt8Config:
     smooth_alpha : SmoothQuant migration strength in [0, 1] for integer activations; ``auto`` picks it per
         input from a grid by the predicted calibrated error (weight rounding + activation rounding
         noise, :func:`onnxlr.quantization.choose_smoothing`); None: no smoothing.
-    per_token : ``dynamic``: divide each row of X by its largest |x| before quantizing it and multiply the
-        output row back, so one large token (or padding row) does not set the step of the whole batch;
-        True for every layer input, or the names of the inputs to treat so (it costs four element-wise
-        ops per input and one per layer).
     static_format : how ``static`` layers are written: ``qdq`` (QuantizeLinear/DequantizeLinear pairs,
         portable: ORT and the mobile providers fuse them into integer kernels) or ``ort`` (ONNX Runtime's
         ``MatMulIntegerToFloat`` contrib op with the bias folded in: fewer nodes, ORT only).
@@ -75,7 +71,6 @@ class QuantizeInt8Config:
     rounding: str = "gptq"
     smooth_alpha: float | str | None = "auto"
     compensation_rank: int = 0
-    per_token: bool | Collection[str] = False
     static_format: str = "qdq"
     min_params: int = 1024
     matmuls: bool = True
@@ -158,45 +153,11 @@ class QuantizeInt8:
             # add a second rounding; the weights alone are quantized, and ORT fuses the pair with them.
             cfg = dataclasses.replace(cfg, activations="none")
         st = self.stats.get(X.name)
-        k = group[0].W.shape[0]
-        s, alpha = np.ones(k), None
-        if cfg.activations != "none" and cfg.smooth_alpha == "auto" and st is not None and st.count:
-            alpha, s, _ = quantization.choose_smoothing([layer.W for layer in group], st.gram, st.count, st.low, st.high)
-        elif cfg.activations != "none" and cfg.smooth_alpha is not None and st is not None:
-            w_absmax = np.max([np.abs(layer.W).max(axis=1) for layer in group], axis=0)
-            alpha, s = cfg.smooth_alpha, quantization.smoothing_scales(st.abs_max, w_absmax, cfg.smooth_alpha)
+        if st is not None and not st.count:
+            st = None
+        alpha, s = _smoothing(cfg, group, st)
         G = None if st is None else st.gram / s[:, None] / s[None, :]  # Gram of X / s
-        source, matmul_input, quantized_input, row_scale = X, X, None, None
-        if alpha is not None:
-            # One Mul: folding 1/s into a per-channel QuantizeLinear instead is exact but ORT's CPU
-            # kernel for per-axis QuantizeLinear is several times slower than the whole model.
-            inverse = quantization.compact(1.0 / s)
-            s = 1.0 / inverse  # the weights get exactly what the stored (possibly float16) factor removes
-            G = st.gram * inverse[:, None] * inverse[None, :]
-            source = matmul_input = _node_output(
-                graph, "Mul", [X, _scale(graph, f"{X.name}/smooth_inv", quantization.as_stored(inverse))],
-                f"{X.name}/smoothed", X.dtype)
-        if cfg.activations == "static" and st is not None and st.count:
-            static_input = _static_quantize(graph, source, st.low / s, st.high / s)
-            if cfg.static_format == "qdq":
-                Xq, x_scale, x_zero = static_input
-                matmul_input = _node_output(graph, "DequantizeLinear", [Xq, x_scale, x_zero],
-                                            f"{X.name}/dequantized", np.float32)
-            else:
-                quantized_input = static_input
-        elif cfg.activations != "none":
-            quantized = source
-            if st is not None and st.count:
-                # The run-time range is the batch's, capped at the calibrated one: a padding row or a
-                # stray token can no longer coarsen the step for the whole batch.
-                lo, hi = min(float(np.min(st.low / s)), 0.0), max(float(np.max(st.high / s)), 0.0)
-                quantized = _node_output(graph, "Clip", [quantized, _const(graph, f"{X.name}/low", np.array(lo, np.float32)),
-                                                         _const(graph, f"{X.name}/high", np.array(hi, np.float32))],
-                                         f"{X.name}/clipped", X.dtype)
-            if cfg.per_token is True or (cfg.per_token and X.name in cfg.per_token):
-                row_scale = _row_absmax(graph, source)
-                quantized = _node_output(graph, "Div", [source, row_scale], f"{X.name}/per_token", X.dtype)
-            quantized_input = _dynamic_quantize(graph, quantized)
+        source, matmul_input, quantized_input = _activation_path(graph, cfg, X, st, s, alpha)
         changes = []
         for layer in group:
             W = layer.W * s[:, None]
@@ -209,16 +170,60 @@ class QuantizeInt8:
                        "rounding": cfg.rounding if G is not None else "nearest", "smooth_alpha": alpha}
             A = B = None
             if G is not None:
-                details["calib_error"] = quantization.output_error(W, W_hat, G)
+                details["calib_error"] = linalg.output_error(W, W_hat, G)
                 rank = min(cfg.compensation_rank, *W.shape)
                 if rank:
                     A, B = quantization.low_rank_compensation(W, W_hat, G, rank)
-                    details["calib_error_compensated"] = quantization.output_error(W, W_hat + A @ B, G)
+                    details["calib_error_compensated"] = linalg.output_error(W, W_hat + A @ B, G)
                     details["compensation_rank"] = rank
                     details["bytes_after"] += int(4 * (A.size + B.size))
-            _rewrite_layer(graph, layer, source, matmul_input, quantized_input, row_scale, q, scale, A, B)
+            _rewrite_layer(graph, layer, source, matmul_input, quantized_input, q, scale, A, B)
             changes.append(LayerChange(layer.node.name, layer.node.op, "rewritten", details=details))
         return changes
+
+
+def _smoothing(cfg: QuantizeInt8Config, group: list[Layer], st: TensorStats | None) -> tuple[float | None, np.ndarray]:
+    """SmoothQuant strength and factors s (k,) for the layers reading one input (s = 1: none). s is
+    what the stored — possibly float16 — 1/s undoes exactly."""
+    k = group[0].W.shape[0]
+    if cfg.activations == "none" or cfg.smooth_alpha is None or st is None:
+        return None, np.ones(k)
+    if cfg.smooth_alpha == "auto":
+        alpha, s, _ = quantization.choose_smoothing([layer.W for layer in group], st.gram, st.count, st.low, st.high)
+    else:
+        w_absmax = np.max([np.abs(layer.W).max(axis=1) for layer in group], axis=0)
+        alpha, s = cfg.smooth_alpha, quantization.smoothing_scales(st.abs_max, w_absmax, cfg.smooth_alpha)
+    return alpha, 1.0 / quantization.compact(1.0 / s)
+
+
+def _activation_path(graph: gs.Graph, cfg: QuantizeInt8Config, X: gs.Tensor, st: TensorStats | None,
+                     s: np.ndarray, alpha: float | None):
+    """The tensors the rewritten layers read: ``(source, matmul_input, quantized_input)`` — X after
+    smoothing (float, for compensation branches), what a float MatMul reads (weight-only and QDQ
+    forms), and the (codes, scale, zero point) an integer MatMul reads (None in float forms)."""
+    source = X
+    if alpha is not None:
+        # One Mul: folding 1/s into a per-channel QuantizeLinear instead is exact but ORT's CPU
+        # kernel for per-axis QuantizeLinear made the model slower than fp32 (docs/benchmarks.md).
+        source = _node_output(graph, "Mul", [X, _scale(graph, f"{X.name}/smooth_inv", quantization.as_stored(1.0 / s))],
+                              f"{X.name}/smoothed", X.dtype)
+    if cfg.activations == "none":
+        return source, source, None
+    if cfg.activations == "static" and st is not None:
+        Xq, x_scale, x_zero = _static_quantize(graph, source, st.low / s, st.high / s)
+        if cfg.static_format == "ort":
+            return source, source, (Xq, x_scale, x_zero)
+        return source, _node_output(graph, "DequantizeLinear", [Xq, x_scale, x_zero], f"{X.name}/dequantized",
+                                    np.float32), None
+    quantized = source
+    if st is not None:
+        # The run-time range is the batch's, capped at the calibrated one: a padding row or a stray
+        # token can no longer coarsen the step for the whole batch.
+        lo, hi = min(float(np.min(st.low / s)), 0.0), max(float(np.max(st.high / s)), 0.0)
+        quantized = _node_output(graph, "Clip", [source, _const(graph, f"{X.name}/low", np.array(lo, np.float32)),
+                                                 _const(graph, f"{X.name}/high", np.array(hi, np.float32))],
+                                 f"{X.name}/clipped", X.dtype)
+    return source, source, _dynamic_quantize(graph, quantized)
 
 
 def _const(graph: gs.Graph, base: str, values: np.ndarray) -> gs.Constant:
@@ -247,18 +252,6 @@ def _dynamic_quantize(graph: gs.Graph, X: gs.Tensor) -> tuple[gs.Variable, gs.Va
     return tuple(outs)
 
 
-def _row_absmax(graph: gs.Graph, X: gs.Tensor) -> gs.Variable:
-    """(..., 1) largest |x| of each row of X, floored so an all-zero row divides by a tiny number, not 0."""
-    absx = _node_output(graph, "Abs", [X], f"{X.name}/abs", np.float32)
-    if graph.opset >= 18:
-        peak = _node_output(graph, "ReduceMax", [absx, _const(graph, f"{X.name}/last_axis", np.array([-1], np.int64))],
-                            f"{X.name}/row_absmax", np.float32, {"keepdims": 1})
-    else:
-        peak = _node_output(graph, "ReduceMax", [absx], f"{X.name}/row_absmax", np.float32, {"axes": [-1], "keepdims": 1})
-    return _node_output(graph, "Max", [peak, _const(graph, f"{X.name}/tiny", np.array(1e-12, np.float32))],
-                        f"{X.name}/row_scale", np.float32)
-
-
 def _static_quantize(graph: gs.Graph, X: gs.Tensor, low: np.ndarray, high: np.ndarray):
     """``QuantizeLinear(X)`` to uint8 with the fixed range ``[low, high]`` the calibration data showed
     (real tokens only: padding rows, which the model masks anyway, may fall outside and are clipped).
@@ -270,7 +263,7 @@ def _static_quantize(graph: gs.Graph, X: gs.Tensor, low: np.ndarray, high: np.nd
     return _node_output(graph, "QuantizeLinear", [X, x_scale, x_zero], f"{X.name}/quantized", np.uint8), x_scale, x_zero
 
 
-def _rewrite_layer(graph, layer: Layer, X, matmul_input, quantized_input, row_scale, q, scale, A, B) -> None:
+def _rewrite_layer(graph, layer: Layer, X, matmul_input, quantized_input, q, scale, A, B) -> None:
     """Replace ``layer.node`` by its int8 form; the node's output tensor keeps its name."""
     node = layer.node
     name = node.name or node.outputs[0].name
@@ -298,8 +291,6 @@ def _rewrite_layer(graph, layer: Layer, X, matmul_input, quantized_input, row_sc
         acc = _node_output(graph, "Cast", [acc], f"{name}/int32_float", f32, {"to": 1})
         scales = _node_output(graph, "Mul", [x_scale, _scale(graph, f"{name}/W_scale", scale)], f"{name}/scales", f32)
         terms = [_node_output(graph, "Mul", [acc, scales], f"{name}/int8_out", f32)]
-        if row_scale is not None:
-            terms = [_node_output(graph, "Mul", [terms[0], row_scale], f"{name}/rows_restored", f32)]
     else:
         W = _node_output(graph, "DequantizeLinear",
                          [_const(graph, f"{name}/W_int8", q), _scale(graph, f"{name}/W_scale", scale)],

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from onnxlr import blockwise, quantization
+from onnxlr import blockwise, linalg, quantization
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import add_low_rank_branch, import_contrib_domain, unique_name
 from onnxlr.pipeline import LayerChange, PassRecord, config_dict
@@ -296,12 +295,12 @@ class QuantizeMatMulNBits:
         }
         compensation = None
         if gram is not None:
-            details["calib_error"] = quantization.output_error(W, W_hat, gram)
+            details["calib_error"] = linalg.output_error(W, W_hat, gram)
             rank = min(c.compensation_rank, K, N)
             if rank:
                 compensation = quantization.low_rank_compensation(W, W_hat, gram, rank)
                 details["compensation_rank"] = rank
-                details["calib_error_compensated"] = quantization.output_error(W, W_hat + compensation[0] @ compensation[1], gram)
+                details["calib_error_compensated"] = linalg.output_error(W, W_hat + compensation[0] @ compensation[1], gram)
                 details["bytes_after"] += 4 * rank * (K + N)
         return constants, details, compensation
 

@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxlr.io
-from onnxlr import blockwise
+from onnxlr import blockwise, linalg
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import import_graph
 from onnxlr.passes.quantize_nbits import QuantizeMatMulNBits, QuantizeMatMulNBitsConfig, stats_tensors
@@ -167,8 +167,8 @@ def test_gptq_lowers_the_calibrated_output_error(bits, symmetric):
     gptq = blockwise.dequantize_blockwise(q, scales, zero_points, K, bits)
     assert q.max() <= 2 ** bits - 1 and (zero_points is None) == symmetric
     # measured about 5x lower on this data; the Gram identity must agree with the rows themselves
-    assert blockwise.output_error(W, gptq, G) < 0.5 * blockwise.output_error(W, nearest, G)
-    assert blockwise.output_error(W, gptq, G) == pytest.approx(relative_error(X @ gptq, X @ W), rel=1e-6)
+    assert linalg.output_error(W, gptq, G) < 0.5 * linalg.output_error(W, nearest, G)
+    assert linalg.output_error(W, gptq, G) == pytest.approx(relative_error(X @ gptq, X @ W), rel=1e-6)
     # the dead input's row is rounded to nearest, not discarded
     np.testing.assert_allclose(gptq[7], nearest[7])
 

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlr import pruning
+from onnxlr import linalg, pruning
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import import_graph
 from onnxlr.passes.prune import (PruneStructured, PruneStructuredConfig, PruneUnstructured,
@@ -183,7 +183,7 @@ def test_refit_lowers_the_calibrated_error_and_the_recorded_error_is_the_true_on
         W2_kept, shift = pruning.refit_second_layer(W2, keep, G if refit else None, mu, count)
         W2_after = np.zeros_like(W2)
         W2_after[keep] = W2_kept
-        errors[refit] = pruning.output_error(W2, W2_after, centered)
+        errors[refit] = linalg.output_error(W2, W2_after, centered)
         Y, Y_new = H @ W2, H[:, keep] @ W2_kept + shift
         true = np.linalg.norm(Y - Y_new) / np.linalg.norm(Y - Y.mean(axis=0))
         assert errors[refit] == pytest.approx(true, rel=1e-6)

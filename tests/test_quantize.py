@@ -12,7 +12,7 @@ import pytest
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 import onnxlr
-from onnxlr import quantization
+from onnxlr import linalg, quantization
 from onnxlr.api import tensor_stats
 from onnxlr.cli import main
 from onnxlr.errors import OnnxlrError
@@ -63,9 +63,9 @@ def test_gptq_lowers_the_output_error_not_the_weight_error():
     X, W, G = correlated_problem()
     nearest = quantization.dequantize(*quantization.quantize_per_channel(W, bits=4))
     gptq = quantization.dequantize(*quantization.gptq_per_channel(W, G, bits=4))
-    assert quantization.output_error(W, gptq, G) < 0.7 * quantization.output_error(W, nearest, G)
+    assert linalg.output_error(W, gptq, G) < 0.7 * linalg.output_error(W, nearest, G)
     # the figure from the Gram is the error of the layer's output on the data
-    assert quantization.output_error(W, gptq, G) == pytest.approx(rel_err(X @ W, X @ gptq), rel=1e-6)
+    assert linalg.output_error(W, gptq, G) == pytest.approx(rel_err(X @ W, X @ gptq), rel=1e-6)
 
 
 def test_gptq_with_identity_gram_is_round_to_nearest():
@@ -98,7 +98,7 @@ def test_compensation_lowers_the_error_it_is_fitted_to():
     W_hat = quantization.dequantize(*quantization.quantize_per_channel(W, bits=4))
     A, B = quantization.low_rank_compensation(W, W_hat, G, 8)
     assert A.shape == (64, 8) and B.shape == (8, 48)
-    assert quantization.output_error(W, W_hat + A @ B, G) < quantization.output_error(W, W_hat, G)
+    assert linalg.output_error(W, W_hat + A @ B, G) < linalg.output_error(W, W_hat, G)
 
 
 def test_compact_scales_are_exact_in_float16_or_left_alone():
