@@ -36,8 +36,11 @@ def layer_options(k: int, n: int, cost: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def allocate_ranks(shapes: Sequence[tuple[int, int]], costs: Sequence[np.ndarray], budget: float,
-                   *, resolution: int = 4096, max_options: int = 512) -> list[int | None]:
-    """Ranks minimising the summed cost with at most ``budget`` parameters in these layers.
+                   *, unit_costs: Sequence[float] | None = None, resolution: int = 4096,
+                   max_options: int = 512) -> list[int | None]:
+    """Ranks minimising the summed cost with at most ``budget`` parameters in these layers — or, with
+    ``unit_costs``, at most ``budget`` in another unit where one parameter of layer l costs
+    ``unit_costs[l]`` (the rows a layer multiplies per run, for a budget of multiply-adds).
 
     Dynamic programming over the budget cut into ``resolution`` units (each option's parameters
     rounded *up* to whole units, so the answer always fits), then the budget the rounding left unused
@@ -49,7 +52,8 @@ def allocate_ranks(shapes: Sequence[tuple[int, int]], costs: Sequence[np.ndarray
     ----------
     shapes : (k, n) of each layer's weight.
     costs : per layer, an array of shape (min(k, n) + 1,): the cost at rank 0..min(k, n).
-    budget : parameters allowed for all these layers together.
+    budget : parameters (or units of ``unit_costs``) allowed for all these layers together.
+    unit_costs : per layer, the budget one of its parameters takes (default 1).
 
     Returns
     -------
@@ -58,7 +62,13 @@ def allocate_ranks(shapes: Sequence[tuple[int, int]], costs: Sequence[np.ndarray
     """
     if len(shapes) != len(costs):
         raise ValueError(f"{len(shapes)} shapes but {len(costs)} cost arrays")
-    options = [_thinned(*layer_options(k, n, c), max_options) for (k, n), c in zip(shapes, costs)]
+    unit_costs = [1.0] * len(shapes) if unit_costs is None else [float(u) for u in unit_costs]
+    if len(unit_costs) != len(shapes) or min(unit_costs, default=1.0) <= 0:
+        raise ValueError("unit_costs needs one positive value per layer")
+    options = []
+    for (k, n), c, unit in zip(shapes, costs, unit_costs):
+        ranks, params, layer_costs = _thinned(*layer_options(k, n, c), max_options)
+        options.append((ranks, params * unit, layer_costs))
     if not options:
         return []
     if sum(params.min() for _, params, _ in options) > budget:

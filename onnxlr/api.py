@@ -70,11 +70,12 @@ def parse_tolerance(spec: float | str | Tolerance | None) -> Tolerance | None:
     return Tolerance(metric, number)
 
 
-TARGETS = ("params",)
+TARGETS = ("params", "macs")
 
 
 def parse_target(spec: str | tuple[str, float]) -> tuple[str, float]:
-    """``"params=0.5"`` -> ``("params", 0.5)``: keep this share of the model's parameters."""
+    """``"params=0.5"`` -> ``("params", 0.5)``: keep this share of the model's parameters (``macs``: of
+    its multiply-adds per run)."""
     if isinstance(spec, tuple):
         kind, value = spec
     else:
@@ -97,15 +98,42 @@ def layer_param_budget(model: onnx.ModelProto, share: float, graph: gs.Graph | N
     """Parameters left to the factorizable MatMul/Gemm weights when the whole model must keep
     ``share`` of its parameters (every other parameter stays as it is). ``graph``: ``model``
     already imported, if at hand."""
-    total = count_parameters(model)
-    layers, _ = find_layers(graph if graph is not None else import_graph(model))
-    factorizable = sum({layer.weight.name: layer.W.size for layer in layers}.values())
+    return layer_budget(model, ("params", share), graph)[0]
+
+
+def layer_budget(model: onnx.ModelProto, target: tuple[str, float], graph: gs.Graph | None = None,
+                 dims: Mapping[str, int] | None = None) -> tuple[int, dict[str, float] | None]:
+    """The budget left to the factorizable MatMul/Gemm weights when the whole model must keep
+    ``share`` of its parameters (``params``) or of its multiply-adds per run at ``dims`` (``macs``);
+    everything else stays as it is. Returns ``(budget, unit_costs)``: for ``macs`` the budget is in
+    multiply-adds and ``unit_costs[weight]`` the rows the weight multiplies per run (one parameter
+    costs that many MACs); None for ``params``."""
+    kind, share = target
+    graph = graph if graph is not None else import_graph(model)
+    layers, _ = find_layers(graph)
+    if kind == "params":
+        total, unit_costs = count_parameters(model), None
+        factorizable = sum({layer.weight.name: layer.W.size for layer in layers}.values())
+        what = "parameters"
+    else:
+        macs = count_macs(model, dims)
+        unknown = [layer.node.name for layer in layers if layer.node.name not in macs.per_node]
+        if unknown:
+            raise OnnxlrError(f"cannot count the multiply-adds of {unknown[0]!r}: its shapes stay unknown; set "
+                              f"the model's symbolic dimensions with --dim NAME=VALUE")
+        unit_costs = {}
+        for layer in layers:  # a weight read by several nodes costs the rows of all of them
+            rows = macs.per_node[layer.node.name] / layer.W.size
+            unit_costs[layer.weight.name] = unit_costs.get(layer.weight.name, 0.0) + rows
+        total = macs.total
+        factorizable = sum(macs.per_node[layer.node.name] for layer in layers)
+        what = "multiply-adds"
     budget = share * total - (total - factorizable)
     if budget <= 0:
-        raise OnnxlrError(f"--target params={share:g} is out of reach: the factorizable MatMul/Gemm weights "
-                          f"hold {factorizable:,} of the model's {total:,} parameters "
+        raise OnnxlrError(f"--target {kind}={share:g} is out of reach: the factorizable MatMul/Gemm weights "
+                          f"hold {factorizable:,} of the model's {total:,} {what} "
                           f"(the rest alone is {(total - factorizable) / total:.1%} of the model)")
-    return int(budget)
+    return int(budget), unit_costs
 
 
 def sample_inputs(model: onnx.ModelProto, inputs: InputsLike = None, dims: Mapping[str, int] | None = None,
@@ -221,14 +249,15 @@ def choose_allocation(model: onnx.ModelProto, config: FactorizeMatMulConfig, sta
                       calib: CalibLike, *, samples: int | None = None, batch_size: int = 8,
                       threads: int | None = None, cache: dict | None = None) -> dict[str, Any]:
     """Ranks for ``config.param_budget``: the knapsack allocation or the uniform one (every layer
-    keeps the same share of its parameters), whichever gives the smaller end-to-end output error on
+    keeps the same share of its parameters, hence of its multiply-adds), whichever gives the smaller end-to-end output error on
     the calibration data. Returns ``{"ranks", "allocator", "calib_output_error": {allocator: error}}``;
     ranks are keyed by weight name, 0 for a layer left dense. ``cache``: see ``FactorizeMatMul`` (pass
     the same dict to the final pass to reuse the decompositions)."""
     cache = {} if cache is None else cache
     layers, _ = find_layers(import_graph(model))
     weights = {layer.weight.name: layer.W.shape for layer in layers}
-    share = config.param_budget / sum(k * n for k, n in weights.values())
+    unit = config.unit_costs or {}
+    share = config.param_budget / sum(k * n * unit.get(name, 1.0) for name, (k, n) in weights.items())
     options = {
         "knapsack": {name: rank or 0 for (name, _), rank in
                      FactorizeMatMul(config, stats, sensitivity, cache=cache).allocate(layers).items()},
@@ -264,12 +293,12 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
                ranks, target, force, refit, bias_correction, sequential, conv, conv_ratio, rank_multiple,
                conv_max_error, latency_guard, embeddings, providers, dims, threads, batch_size):
     """The low-rank part of :func:`optimize` (its parameters): returns (factorized model, pass records)."""
-    param_budget = None
+    param_budget, unit_costs = None, None
     if target is not None:
         if embeddings:
             raise OnnxlrError("--target does not allocate embedding tables yet; use --rank-ratio or --energy "
                               "with --embeddings")
-        param_budget = layer_param_budget(work, parse_target(target)[1], work_graph)
+        param_budget, unit_costs = layer_budget(work, parse_target(target), work_graph, dims)
     elif rank_ratio is None and energy is None and not ranks:
         rank_ratio = DEFAULT_RANK_RATIO
     method = method or ("whitened" if calib is not None else "svd")
@@ -285,7 +314,7 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
     conv_ranks = {k: v for k, v in ranks.items() if k in _conv_names(convs)}
     ranks = {k: v for k, v in ranks.items() if k not in conv_ranks}
     config = FactorizeMatMulConfig(method=method, rank_ratio=rank_ratio, energy=energy, param_budget=param_budget,
-                                   ranks=ranks, force=force, refit=refit, bias_correction=bias_correction)
+                                   unit_costs=unit_costs, ranks=ranks, force=force, refit=refit, bias_correction=bias_correction)
     if method in DATA_AWARE and calib is None:
         raise OnnxlrError(f"method {method!r} needs calibration data (--calib)")
     if sequential and method not in DATA_AWARE:

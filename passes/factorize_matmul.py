@@ -74,6 +74,8 @@ class FactorizeMatMulConfig:
         allocated across layers (``onnxlr.allocation``) to minimise the summed truncation error the
         method's spectrum predicts (for ``whitened`` the calibrated output error), some layers
         possibly staying dense.
+    unit_costs : per weight name, what one of its parameters takes of ``param_budget`` — the rows it
+        multiplies per run for a budget of multiply-adds; absent names (or None) cost 1.
     ranks : per-layer ranks keyed by node name or weight name; they take precedence; 0 keeps the
         layer dense.
     force : rewrite even when the rank would not save parameters (used to test exactness).
@@ -85,6 +87,7 @@ class FactorizeMatMulConfig:
     rank_ratio: float | None = None
     energy: float | None = None
     param_budget: int | None = None
+    unit_costs: dict[str, float] | None = None
     ranks: dict[str, int] = field(default_factory=dict)
     force: bool = False
     refit: bool = True
@@ -219,13 +222,15 @@ class FactorizeMatMul:
 
     def _allocate(self, layers: list[Layer], decompositions: Mapping[tuple[str, bool], tuple]) -> dict:
         """Ranks per weight key under ``config.param_budget`` (None: the weight stays dense)."""
-        given, free = {}, {}  # per weight: params with the user's rank / (shape, spectrum) to allocate
+        given, free = {}, {}  # per weight: budget with the user's rank / (shape, spectrum) to allocate
+        unit = {name: float(cost) for name, cost in (self.config.unit_costs or {}).items()}
         for layer in layers:
             key = (layer.weight.name, layer.transposed)
             k, n = layer.W.shape
             override = _override(self.config, layer)
             if override is not None:
-                given[key] = override * (k + n) if linalg.saves_parameters(k, n, override) else k * n
+                params = override * (k + n) if linalg.saves_parameters(k, n, override) else k * n
+                given[key] = params * unit.get(layer.weight.name, 1.0)
             elif key not in free:
                 free[key] = ((k, n), decompositions[key][2])
         fixed = sum(given.values())
@@ -235,12 +240,13 @@ class FactorizeMatMul:
         # in the units of its own output. Measured on MiniLM, this beat weighting by relative error
         # or by probed output sensitivity (docs/benchmarks.md).
         costs = [np.concatenate([np.cumsum((s ** 2)[::-1])[::-1], [0.0]]) for _, s in free.values()]
-        smallest = sum(k + n for k, n in shapes)
+        units = [unit.get(name, 1.0) for name, _ in free]
+        smallest = sum((k + n) * u for (k, n), u in zip(shapes, units))
         budget = self.config.param_budget - fixed
         if budget < smallest:
-            raise OnnxlrError(f"parameter budget {self.config.param_budget:,} is below the smallest reachable "
-                              f"{smallest + fixed:,} (rank 1 for every factorizable layer)")
-        return dict(zip(free, allocate_ranks(shapes, costs, budget)))
+            raise OnnxlrError(f"budget {self.config.param_budget:,.0f} is below the smallest reachable "
+                              f"{smallest + fixed:,.0f} (rank 1 for every factorizable layer)")
+        return dict(zip(free, allocate_ranks(shapes, costs, budget, unit_costs=units)))
 
     def _weight_stats(self, layers: list[Layer]) -> dict[tuple[str, bool], TensorStats | CrossStats]:
         """Statistics per weight: a weight read by several layers is fitted to all their inputs."""

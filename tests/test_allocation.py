@@ -17,8 +17,9 @@ def _tail_costs(rng, k, n, scale=1.0):
     return np.concatenate([np.cumsum(e[::-1])[::-1], [0.0]])
 
 
-def _params(shapes, ranks):
-    return sum(k * n if r is None else r * (k + n) for (k, n), r in zip(shapes, ranks))
+def _params(shapes, ranks, units=None):
+    units = units or [1.0] * len(shapes)
+    return sum((k * n if r is None else r * (k + n)) * u for (k, n), r, u in zip(shapes, ranks, units))
 
 
 def _cost(costs, ranks, shapes):
@@ -72,6 +73,22 @@ def test_matches_the_brute_force_optimum(seed):
                if _params(shapes, combo) <= budget)
     got = allocate_ranks(shapes, costs, budget)
     assert _params(shapes, got) <= budget
+    assert _cost(costs, got, shapes) <= best * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_weighted_budgets_match_the_brute_force_optimum(seed):
+    """A budget of multiply-adds: a parameter of layer l costs the rows it multiplies per run."""
+    rng = np.random.default_rng(100 + seed)
+    shapes = [(6, 10), (8, 8), (5, 12)]
+    units = rng.choice([1.0, 4.0, 16.0], size=3).tolist()
+    costs = [_tail_costs(rng, k, n, scale=rng.uniform(0.2, 5)) for k, n in shapes]
+    budget = rng.uniform(0.35, 0.9) * _params(shapes, [None] * 3, units)
+    choices = [[None] + layer_options(k, n, c)[0][1:].tolist() for (k, n), c in zip(shapes, costs)]
+    best = min(_cost(costs, combo, shapes) for combo in itertools.product(*choices)
+               if _params(shapes, combo, units) <= budget)
+    got = allocate_ranks(shapes, costs, budget, unit_costs=units)
+    assert _params(shapes, got, units) <= budget
     assert _cost(costs, got, shapes) <= best * (1 + 1e-12)
 
 

@@ -136,9 +136,41 @@ def test_target_params_is_met_and_spends_the_budget_where_it_hurts_least(mlp_pro
     assert set(ranks) == {"fc1", "fc2"}
 
 
+def pooled_mlp():
+    """x (batch, 8, 32) -> MatMul W1 (32x48) -> mean over the 8 positions -> Gemm W2 (48x24): W1
+    multiplies 8 rows per sample, W2 one, so a multiply-add budget weighs them differently."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    W1 = (rng.standard_normal((32, 48)) * 0.2).astype(np.float32)
+    W2 = (rng.standard_normal((48, 24)) * 0.2).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+         helper.make_node("ReduceMean", ["h"], ["p"], name="pool", axes=[1], keepdims=0),
+         helper.make_node("Gemm", ["p", "W2"], ["y"], name="fc2")],
+        "pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 24])],
+        initializer=[numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(W2, "W2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_target_macs_is_met_in_multiply_adds():
+    from onnxlr.macs import count_macs
+
+    model = pooled_mlp()
+    calib = [{"x": np.random.default_rng(1).standard_normal((64, 8, 32)).astype(np.float32)}]
+    before = count_macs(model, {"batch": 1}).total
+    out, report = onnxlr.optimize(model, calib=calib, target="macs=0.6", dims={"batch": 1}, validate=False)
+    after = count_macs(out, {"batch": 1}).total
+    assert after <= 0.6 * before
+    assert after > 0.5 * before  # the budget is spent, not undershot
+    config = report.pass_named("factorize_matmul").config
+    assert config["unit_costs"] == {"W1": 8.0, "W2": 1.0}  # a parameter of fc1 costs 8 MACs per sample
+
+
 def test_target_errors(mlp_proto):
     calib = [{"x": correlated_inputs(64, seed=1)}]
-    cases = [("params", "malformed"), ("bytes=0.5", "unknown --target kind"), ("params=x", "not a number"),
+    cases = [("params", "malformed"), ("bytes=0.5", "unknown --target kind"), ("macs=0.01", "out of reach|below"), ("params=x", "not a number"),
              ("params=1.5", r"share in \(0, 1\]"), ("params=0.01", "out of reach|below the smallest")]
     for spec, needle in cases:
         with pytest.raises(OnnxlrError, match=needle):
