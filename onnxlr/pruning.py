@@ -20,28 +20,14 @@ import math
 
 import numpy as np
 
-
-
-def _matrix(W: np.ndarray, name: str) -> np.ndarray:
-    W = np.asarray(W, dtype=np.float64)
-    if W.ndim != 2:
-        raise ValueError(f"expected {name} to be a 2-D matrix, got shape {W.shape}")
-    return W
-
-
-def _vector(v: np.ndarray, size: int, name: str) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    if v.shape != (size,):
-        raise ValueError(f"expected {name} of shape ({size},), got {v.shape}")
-    return v
-
+from onnxlr.linalg import _as_matrix, _as_vector  # the same input checks as the other math
 
 # ------------------------------------------------------------------------------ unstructured / N:M
 
 
 def magnitude_scores(W: np.ndarray) -> np.ndarray:
     """Importance of each weight by magnitude: ``|W|``, shape (k, n)."""
-    return np.abs(_matrix(W, "W"))
+    return np.abs(_as_matrix(W, "W"))
 
 
 def wanda_scores(W: np.ndarray, input_sq_norm: np.ndarray) -> np.ndarray:
@@ -58,8 +44,8 @@ def wanda_scores(W: np.ndarray, input_sq_norm: np.ndarray) -> np.ndarray:
     -------
     scores : ndarray of shape (k, n)
     """
-    W = _matrix(W, "W")
-    norms = _vector(input_sq_norm, W.shape[0], "input_sq_norm")
+    W = _as_matrix(W, "W")
+    norms = _as_vector(input_sq_norm, W.shape[0], "input_sq_norm")
     return np.abs(W) * np.sqrt(np.maximum(norms, 0.0))[:, None]
 
 
@@ -78,7 +64,7 @@ def unstructured_mask(scores: np.ndarray, sparsity: float) -> np.ndarray:
     -------
     keep : bool ndarray of shape (k, n)
     """
-    scores = _matrix(scores, "scores")
+    scores = _as_matrix(scores, "scores")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     k = scores.shape[0]
@@ -102,7 +88,7 @@ def nm_mask(scores: np.ndarray, n: int = 2, m: int = 4) -> np.ndarray:
     -------
     keep : bool ndarray of shape (k, n_out)
     """
-    scores = _matrix(scores, "scores")
+    scores = _as_matrix(scores, "scores")
     if not (isinstance(m, (int, np.integer)) and isinstance(n, (int, np.integer)) and 0 <= n <= m and m >= 1):
         raise ValueError(f"an N:M pattern needs integers 0 <= n <= m, m >= 1; got {n}:{m}")
     k, cols = scores.shape
@@ -131,8 +117,8 @@ def hidden_unit_scores(W2: np.ndarray, hidden_gram_diag: np.ndarray) -> np.ndarr
     -------
     scores : ndarray of shape (h,)
     """
-    W2 = _matrix(W2, "W2")
-    moments = _vector(hidden_gram_diag, W2.shape[0], "hidden_gram_diag")
+    W2 = _as_matrix(W2, "W2")
+    moments = _as_vector(hidden_gram_diag, W2.shape[0], "hidden_gram_diag")
     return np.linalg.norm(W2, axis=1) * np.sqrt(np.maximum(moments, 0.0))
 
 
@@ -149,13 +135,13 @@ def weight_norm_scores(W1: np.ndarray, W2: np.ndarray, unit_scale: np.ndarray | 
     -------
     scores : ndarray of shape (h,)
     """
-    W1 = _matrix(W1, "W1")
-    W2 = _matrix(W2, "W2")
+    W1 = _as_matrix(W1, "W1")
+    W2 = _as_matrix(W2, "W2")
     if W1.shape[1] != W2.shape[0]:
         raise ValueError(f"W1 has {W1.shape[1]} columns, W2 has {W2.shape[0]} rows")
     scores = np.linalg.norm(W1, axis=0) * np.linalg.norm(W2, axis=1)
     if unit_scale is not None:
-        scores = scores * np.abs(_vector(unit_scale, W1.shape[1], "unit_scale"))
+        scores = scores * np.abs(_as_vector(unit_scale, W1.shape[1], "unit_scale"))
     return scores
 
 
@@ -221,7 +207,7 @@ def refit_second_layer(W2: np.ndarray, keep: np.ndarray, hidden_gram: np.ndarray
     W2_kept : ndarray of shape (h_kept, n)
     bias_shift : ndarray of shape (n,), to add to b2 (zeros without ``hidden_mean``)
     """
-    W2 = _matrix(W2, "W2")
+    W2 = _as_matrix(W2, "W2")
     h, n = W2.shape
     keep = _check_keep(keep, h)
     removed = np.setdiff1d(np.arange(h), keep)
@@ -233,7 +219,7 @@ def refit_second_layer(W2: np.ndarray, keep: np.ndarray, hidden_gram: np.ndarray
         if hidden_mean is not None:
             if hidden_count is None:
                 raise ValueError("hidden_count is needed to center hidden_gram when hidden_mean is given")
-            mu = _vector(hidden_mean, h, "hidden_mean")
+            mu = _as_vector(hidden_mean, h, "hidden_mean")
             G = G - hidden_count * np.outer(mu, mu)
         G = 0.5 * (G + G.T)
         G_kk = G[np.ix_(keep, keep)]
@@ -243,7 +229,7 @@ def refit_second_layer(W2: np.ndarray, keep: np.ndarray, hidden_gram: np.ndarray
             W2_kept += np.linalg.solve(G_kk, G[np.ix_(keep, removed)] @ W2[removed])
     shift = np.zeros(n)
     if hidden_mean is not None:
-        mu = _vector(hidden_mean, h, "hidden_mean")
+        mu = _as_vector(hidden_mean, h, "hidden_mean")
         shift = mu @ W2 - mu[keep] @ W2_kept
     return W2_kept, shift
 
@@ -270,15 +256,15 @@ def prune_hidden_units(W1: np.ndarray, b1: np.ndarray | None, W2: np.ndarray, b2
     W1' (k, h_kept), b1' (h_kept,) or None, W2' (h_kept, n), b2' (n,) or None when b2 was None and no
     shift was computed. Float64.
     """
-    W1 = _matrix(W1, "W1")
+    W1 = _as_matrix(W1, "W1")
     h = W1.shape[1]
     if np.shape(W2)[0] != h:
         raise ValueError(f"W1 has {h} columns, W2 has {np.shape(W2)[0]} rows")
     keep = _check_keep(keep, h)
     W2_kept, shift = refit_second_layer(W2, keep, hidden_gram, hidden_mean, hidden_count, ridge=ridge)
-    b1_kept = None if b1 is None else _vector(b1, h, "b1")[keep]
+    b1_kept = None if b1 is None else _as_vector(b1, h, "b1")[keep]
     if b2 is None:
         b2_new = shift if hidden_mean is not None else None
     else:
-        b2_new = _vector(b2, W2_kept.shape[1], "b2") + shift
+        b2_new = _as_vector(b2, W2_kept.shape[1], "b2") + shift
     return W1[:, keep], b1_kept, W2_kept, b2_new
