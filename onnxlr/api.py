@@ -24,14 +24,15 @@ from onnxlr.passes.factorize_embedding import FactorizeEmbedding, FactorizeEmbed
 from onnxlr.passes.factorize_matmul import DATA_AWARE, FactorizeMatMul, FactorizeMatMulConfig, find_layers
 from onnxlr.passes.factorize_sequential import FactorizeMatMulSequential
 from onnxlr.passes.prune import channel_rows
-from onnxlr.pipeline import PassManager
+from onnxlr.pipeline import PassManager, PassRecord
 from onnxlr.recipes import Step, get_recipe
 from onnxlr.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
 from onnxlr.passes.quantize_nbits import QuantizeMatMulNBits
 from onnxlr.report import ModelSummary, Report
 from onnxlr.runtimes import feeds as feeds_mod
 from onnxlr.runtimes.compare import TOLERANCE_METRICS, Tolerance
-from onnxlr.runtimes.providers import default_threads, parse_providers
+from onnxlr.runtimes.compare import compare as compare_outputs
+from onnxlr.runtimes.providers import default_threads, make_session, parse_providers
 from onnxlr.runtimes.sensitivity import output_sensitivity
 from onnxlr.runtimes.latency_guard import LatencyGuard
 from onnxlr.runtimes.stats import PairedRuns, collect_stats, collect_unfolded_stats
@@ -362,6 +363,52 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
     return optimized, records
 
 
+LOSSLESS_MAX_SHARE = 0.99
+LOSSLESS_STEPS = 6
+LOSSLESS_RETRIES = 3
+
+
+def lossless_target(model: onnx.ModelProto, tolerance: Tolerance, build, calib: CalibLike, *,
+                    samples: int | None = None, batch_size: int = 8, threads: int | None = None):
+    """The smallest share of parameters whose factorization still meets ``tolerance`` end to end on the
+    calibration data: bisection over ``--target params=S`` between 0 and ``LOSSLESS_MAX_SHARE`` in
+    ``LOSSLESS_STEPS`` halvings, each candidate built by ``build(spec) -> ModelProto`` and compared with
+    ``model`` on every calibration batch (the metric and threshold of ``tolerance``). Returns the
+    target spec and a report record of every share tried; raises when not even the largest share
+    meets the tolerance. Held-out validation (``inputs``) then confirms the result."""
+    batches = list(calibration_batches(calib, model, samples=samples, batch_size=batch_size))
+    threads = threads or default_threads()
+
+    def outputs(candidate: onnx.ModelProto) -> dict[str, np.ndarray]:
+        session = make_session(candidate.SerializeToString(), "CPUExecutionProvider", threads)
+        names = [o.name for o in session.get_outputs()]
+        runs = [session.run(None, {k: np.asarray(v) for k, v in batch.items()}) for batch in batches]
+        return {name: np.concatenate([np.atleast_1d(r[i]) for r in runs]) for i, name in enumerate(names)}
+
+    reference = outputs(model)
+    record = PassRecord("lossless_search", {"tolerance": str(tolerance), "tried": {}})
+
+    def meets(share: float) -> bool:
+        try:
+            got = outputs(build(f"params={share:.4f}"))
+        except OnnxlrError:  # below the smallest reachable budget
+            ok = False
+        else:
+            ok = all(tolerance.holds(compare_outputs(name, reference[name], got[name])) for name in reference)
+        record.config["tried"][round(share, 4)] = ok
+        return ok
+
+    low, high = 0.0, LOSSLESS_MAX_SHARE
+    if not meets(high):
+        raise OnnxlrError(f"no factorization meets {tolerance} on the calibration data, even keeping "
+                          f"{high:.0%} of the parameters")
+    for _ in range(LOSSLESS_STEPS):
+        middle = (low + high) / 2
+        low, high = (low, middle) if meets(middle) else (middle, high)
+    record.config["share"] = round(high, 4)
+    return f"params={high:.4f}", record
+
+
 def _compress(model: onnx.ModelProto, steps, calib: CalibLike, *, samples: int | None, batch_size: int,
               threads: int | None) -> tuple[onnx.ModelProto, list]:
     """Run a recipe's steps in order, each on fresh calibration statistics of the model it gets."""
@@ -443,7 +490,9 @@ def optimize(
     rank_ratio : keep ``ceil(rank_ratio * min(k, n))`` singular values of each (k, n) weight.
     energy : keep the smallest rank holding this share of each weight's squared spectrum.
         With neither, ``rank_ratio=DEFAULT_RANK_RATIO``.
-    target : ``"params=0.5"``: the whole model keeps this share of its parameters; the ranks of the
+    target : ``"params=0.5"``: the whole model keeps this share of its parameters (``"macs=0.5"``: of
+        its multiply-adds per run at ``dims``; ``"lossless"``: the smallest share that still meets
+        ``max_error`` on the calibration data, found by bisection, :func:`lossless_target`); the ranks of the
         factorizable layers are allocated to fit (``onnxlr.allocation``: least summed truncation error
         of the method's spectrum, some layers possibly left dense). Excludes ``rank_ratio``/``energy``.
     ranks : per-layer ranks keyed by node or weight name (override the rule above).
@@ -498,33 +547,58 @@ def optimize(
     # everything below sees the folded model.
     work, folded = PassManager([FoldConstants()]).run(original)
     records = [record for record in [prequantized.qoperator_record(arrived), *folded] if record.layers]
-    optimized = work
-    if recipe_.factorize:
-        optimized, factorized = _factorize(
-            work, import_graph(work), calib=calib, calib_samples=calib_samples, method=method,
-            rank_ratio=rank_ratio, energy=energy, ranks=ranks, target=target, force=force, refit=refit,
-            bias_correction=bias_correction, sequential=sequential, conv=conv, conv_ratio=conv_ratio,
-            rank_multiple=rank_multiple, conv_max_error=conv_max_error, latency_guard=latency_guard,
-            embeddings=embeddings, providers=providers, dims=dims, threads=threads, batch_size=batch_size)
-        records += factorized
-    steps = recipe_.steps
-    if int8_weights and not any(step.pass_class in (QuantizeInt8, QuantizeMatMulNBits) for step in steps):
-        # The input stored these weights as int8: store them (and their factors) so again.
-        names = prequantized.replacements(import_graph(optimized), int8_weights)
-        steps = (*steps, Step(QuantizeInt8, lambda calibrated: QuantizeInt8Config(
-            activations="none", rounding="nearest", only=names, min_params=0)))
-    if steps:
-        optimized, compressed = _compress(optimized, steps, calib, samples=calib_samples,
-                                          batch_size=batch_size, threads=threads)
-        records += compressed
-    try:
-        io.check_model(optimized)
-    except Exception as exc:  # a broken rewrite is a bug in onnxlr, not a user error
-        raise RuntimeError(f"onnxlr produced an invalid model: {exc}") from exc
-    report = Report(ModelSummary.of(original, path), ModelSummary.of(optimized), records, tolerance=tolerance)
-    if validate:
-        report.validation = _validate(original, optimized, providers=providers, inputs=inputs, dims=dims,
-                                      threads=threads, batch_size=batch_size, repeats=repeats)
+    search = None
+    if recipe_.factorize and target == "lossless":
+        if tolerance is None or calib is None:
+            raise OnnxlrError("--target lossless needs --max-error (the tolerance to keep) and --calib "
+                              "(the data the search runs on)")
+    factorize = functools.partial(
+        _factorize, work, calib=calib, calib_samples=calib_samples, method=method,
+        rank_ratio=rank_ratio, energy=energy, ranks=ranks, force=force, refit=refit,
+        bias_correction=bias_correction, sequential=sequential, conv=conv, conv_ratio=conv_ratio,
+        rank_multiple=rank_multiple, conv_max_error=conv_max_error, latency_guard=latency_guard,
+        embeddings=embeddings, providers=providers, dims=dims, threads=threads, batch_size=batch_size)
+    if recipe_.factorize and target == "lossless":
+        target, search = lossless_target(work, tolerance, lambda spec: factorize(import_graph(work), target=spec)[0],
+                                         calib, samples=calib_samples, batch_size=batch_size, threads=threads)
+
+    def build(target) -> tuple[onnx.ModelProto, Report]:
+        """Factorize (if the recipe does), run the recipe's steps, check, validate."""
+        optimized, built = work, list(records) + ([search] if search else [])
+        if recipe_.factorize:
+            optimized, factorized = factorize(import_graph(work), target=target)
+            built += factorized
+        steps = recipe_.steps
+        if int8_weights and not any(step.pass_class in (QuantizeInt8, QuantizeMatMulNBits) for step in steps):
+            # The input stored these weights as int8: store them (and their factors) so again.
+            names = prequantized.replacements(import_graph(optimized), int8_weights)
+            steps = (*steps, Step(QuantizeInt8, lambda calibrated: QuantizeInt8Config(
+                activations="none", rounding="nearest", only=names, min_params=0)))
+        if steps:
+            optimized, compressed = _compress(optimized, steps, calib, samples=calib_samples,
+                                              batch_size=batch_size, threads=threads)
+            built += compressed
+        try:
+            io.check_model(optimized)
+        except Exception as exc:  # a broken rewrite is a bug in onnxlr, not a user error
+            raise RuntimeError(f"onnxlr produced an invalid model: {exc}") from exc
+        report = Report(ModelSummary.of(original, path), ModelSummary.of(optimized), built, tolerance=tolerance)
+        if validate:
+            report.validation = _validate(original, optimized, providers=providers, inputs=inputs, dims=dims,
+                                          threads=threads, batch_size=batch_size, repeats=repeats)
+        return optimized, report
+
+    optimized, report = build(target)
+    # A lossless share found on the calibration data must also hold on the held-out inputs: step back
+    # towards the dense model (half the remaining distance each time) until it does.
+    for _ in range(LOSSLESS_RETRIES if search else 0):
+        if report.passed is not False:
+            break
+        share = search.config["share"]
+        share = round(share + (LOSSLESS_MAX_SHARE - share) / 2, 4)
+        search.config.setdefault("held_out_retries", []).append(share)
+        search.config["share"] = share
+        optimized, report = build(f"params={share:.4f}")
     return optimized, report
 
 

@@ -208,3 +208,27 @@ def test_a_shared_cache_decomposes_each_weight_once(mlp_proto, monkeypatch):
         config = FactorizeMatMulConfig(method="whitened", ranks=ranks)
         PassManager([FactorizeMatMul(config, stats, cache=cache)]).run(mlp_proto)
     assert len(calls) == 2  # one per weight, not one per weight and allocation
+
+
+def test_target_lossless_finds_the_smallest_share_within_the_tolerance(mlp_proto):
+    calib = [{"x": correlated_inputs(256, seed=1)}]
+    held_out = {"x": correlated_inputs(128, seed=9)}
+    out, report = onnxlr.optimize(mlp_proto, calib=calib, target="lossless", max_error="rel_l2=0.05",
+                                  inputs=held_out, repeats=2)
+    search = report.pass_named("lossless_search").config
+    found = min(s for s, ok in search["tried"].items() if ok)
+    # bisection on the calibration data: the largest failing share is one step below the smallest passing
+    failed = [s for s, ok in search["tried"].items() if not ok]
+    assert failed and max(failed) < found <= max(failed) + 0.99 / 2 ** 6 + 1e-3
+    # then confirmed on held-out data, stepping back towards dense while it does not hold there
+    assert report.passed
+    assert search["share"] == found or search["held_out_retries"][-1] == search["share"]
+    assert count_parameters(out) <= search["share"] * count_parameters(mlp_proto) + 1
+
+
+def test_target_lossless_says_when_no_factorization_meets_the_tolerance(mlp_proto):
+    calib = [{"x": correlated_inputs(64, seed=1)}]
+    with pytest.raises(OnnxlrError, match="no factorization meets"):
+        onnxlr.optimize(mlp_proto, calib=calib, target="lossless", max_error="rel_l2=1e-9", validate=False)
+    with pytest.raises(OnnxlrError, match="needs --max-error"):
+        onnxlr.optimize(mlp_proto, calib=calib, target="lossless", validate=False)
