@@ -85,6 +85,12 @@ class Report:
         for record in self.passes:
             lines.append("")
             lines.append(f"pass {record.name}: {len(record.rewritten)} rewritten, {len(record.skipped)} skipped")
+            if "tried" in record.config:  # the lossless search: every share it built, and the one kept
+                tried = ", ".join(f"{share:.3f} {'ok' if ok else 'fails'}" for share, ok in record.config["tried"].items())
+                lines.append(f"  {record.config['tolerance']} on the calibration data: {tried}")
+                lines.append(f"  kept: share {record.config.get('share', 'none')}"
+                             + (f" (held-out retries {record.config['held_out_retries']})"
+                                if record.config.get("held_out_retries") else ""))
             methods = sorted({c.details.get("method", "") for c in record.rewritten} - {""})
             if methods:
                 lines.append(f"  method: {', '.join(methods)}")
