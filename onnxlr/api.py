@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -71,12 +72,16 @@ def parse_tolerance(spec: float | str | Tolerance | None) -> Tolerance | None:
     return Tolerance(metric, number)
 
 
-TARGETS = ("params", "macs")
+TARGETS = ("params", "macs", "bytes")
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
 
 
 def parse_target(spec: str | tuple[str, float]) -> tuple[str, float]:
     """``"params=0.5"`` -> ``("params", 0.5)``: keep this share of the model's parameters (``macs``: of
-    its multiply-adds per run)."""
+    its multiply-adds per run); ``"bytes=12MB"`` -> ``("bytes", 12e6)``: a serialized size (B, KB, MB,
+    GB, KiB, MiB, GiB; none = bytes)."""
     if isinstance(spec, tuple):
         kind, value = spec
     else:
@@ -85,12 +90,23 @@ def parse_target(spec: str | tuple[str, float]) -> tuple[str, float]:
             raise OnnxlrError(f"malformed --target {spec!r}: expected KIND=VALUE, e.g. params=0.5")
     kind = kind.strip()
     if kind not in TARGETS:
-        raise OnnxlrError(f"unknown --target kind {kind!r} (supported: {', '.join(TARGETS)})")
+        raise OnnxlrError(f"unknown --target kind {kind!r} (supported: {', '.join(TARGETS)}, lossless)")
+    text = str(value).strip()
+    unit = 1.0
+    if kind == "bytes":
+        number_part = re.match(r"[-+0-9.eE]*", text).group()
+        suffix = text[len(number_part):].strip()
+        if suffix.upper() not in SIZE_UNITS:
+            raise OnnxlrError(f"malformed --target {spec!r}: unknown size unit {suffix!r}")
+        text, unit = number_part, SIZE_UNITS[suffix.upper()]
     try:
-        number = float(value)
+        number = float(text) * unit
     except ValueError:
         raise OnnxlrError(f"malformed --target {spec!r}: {value!r} is not a number") from None
-    if not 0.0 < number <= 1.0:
+    if kind == "bytes":
+        if number <= 0:
+            raise OnnxlrError(f"--target bytes must be a positive size, got {value}")
+    elif not 0.0 < number <= 1.0:
         raise OnnxlrError(f"--target {kind} must be a share in (0, 1], got {value}")
     return kind, number
 
@@ -105,8 +121,8 @@ def layer_param_budget(model: onnx.ModelProto, share: float, graph: gs.Graph | N
 def layer_budget(model: onnx.ModelProto, target: tuple[str, float], graph: gs.Graph | None = None,
                  dims: Mapping[str, int] | None = None) -> tuple[int, dict[str, float] | None]:
     """The budget left to the factorizable MatMul/Gemm weights when the whole model must keep
-    ``share`` of its parameters (``params``) or of its multiply-adds per run at ``dims`` (``macs``);
-    everything else stays as it is. Returns ``(budget, unit_costs)``: for ``macs`` the budget is in
+    ``share`` of its parameters (``params``) or of its multiply-adds per run at ``dims`` (``macs``), or
+    fit in ``share`` bytes serialized (``bytes``); everything else stays as it is. Returns ``(budget, unit_costs)``: for ``macs`` the budget is in
     multiply-adds and ``unit_costs[weight]`` the rows the weight multiplies per run (one parameter
     costs that many MACs); None for ``params``."""
     kind, share = target
@@ -116,6 +132,16 @@ def layer_budget(model: onnx.ModelProto, target: tuple[str, float], graph: gs.Gr
         total, unit_costs = count_parameters(model), None
         factorizable = sum({layer.weight.name: layer.W.size for layer in layers}.values())
         what = "parameters"
+    elif kind == "bytes":
+        # Every byte outside the factorizable weights stays; a parameter of a weight takes its itemsize.
+        unit_costs = {layer.weight.name: float(layer.W.dtype.itemsize) for layer in layers}
+        total = model.ByteSize()
+        factorizable = sum({layer.weight.name: layer.W.nbytes for layer in layers}.values())
+        budget = share - (total - factorizable)
+        if budget <= 0:
+            raise OnnxlrError(f"--target bytes={share:,.0f} is out of reach: the model holds {total - factorizable:,} "
+                              f"bytes outside its factorizable MatMul/Gemm weights")
+        return int(budget), unit_costs
     else:
         macs = count_macs(model, dims)
         unknown = [layer.node.name for layer in layers if layer.node.name not in macs.per_node]

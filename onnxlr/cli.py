@@ -77,9 +77,10 @@ def _add_rank_options(p: argparse.ArgumentParser) -> None:
                       help=f"keep ceil(R*min(k,n)) singular values per layer (default {api.DEFAULT_RANK_RATIO})")
     rule.add_argument("--energy", type=_ratio, metavar="E",
                       help="keep the smallest rank holding share E of each layer's squared spectrum")
-    rule.add_argument("--target", metavar="params=F|macs=F|lossless",
+    rule.add_argument("--target", metavar="params=F|macs=F|bytes=SIZE|lossless",
                       help="keep share F of the model's parameters (or of its multiply-adds per run at the "
-                           "--dim sizes), ranks allocated across layers for the least calibrated error (some "
+                           "--dim sizes; bytes=12MB: fit that serialized size), ranks allocated across layers "
+                           "for the least calibrated error (some "
                            "layers may stay dense); lossless: the smallest parameter share that still meets "
                            "--max-error on the --calib data (bisection), confirmed on --inputs")
     p.add_argument("--sequential", action="store_true",
