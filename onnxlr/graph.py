@@ -141,3 +141,13 @@ def add_low_rank_branch(graph: gs.Graph, Y: gs.Variable, X: gs.Tensor, A: np.nda
         gs.Node("Add", name=unique_name(graph, f"{name}/compensate"), inputs=[inner, delta], outputs=[Y]),
     ])
 
+
+
+def add_after(graph: gs.Graph, node: gs.Node, bias: np.ndarray, name: str) -> None:
+    """Make ``node``'s first output read ``node(x) + bias``: a new Add takes over the output tensor."""
+    out = node.outputs[0]
+    pre = gs.Variable(unique_name(graph, f"{name}_pre_bias"), dtype=out.dtype)
+    node.outputs[0] = pre
+    constant = gs.Constant(unique_name(graph, f"{name}_bias"), bias)
+    graph.nodes.append(gs.Node("Add", name=unique_name(graph, f"{name}_bias_add"), inputs=[pre, constant],
+                               outputs=[out]))

@@ -53,7 +53,7 @@ from tqdm import tqdm
 from onnxlr import linalg
 from onnxlr.allocation import allocate_ranks
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import consumer_counts, unique_name
+from onnxlr.graph import add_after, consumer_counts, unique_name
 from onnxlr.pipeline import LayerChange, PassRecord, config_dict
 from onnxlr.runtimes.stats import CrossStats, TensorStats
 
@@ -518,9 +518,4 @@ def _add_bias(graph: gs.Graph, layer: Layer, delta: np.ndarray) -> None:
                 other.values = (np.asarray(other.values) + delta).astype(delta.dtype)
                 return
     # General case: y = layer(x) + delta through a new Add after the layer.
-    out = node.outputs[0]
-    pre = gs.Variable(unique_name(graph, f"{node.name or layer.weight.name}/lr_pre_bias"), dtype=out.dtype)
-    node.outputs[0] = pre
-    bias = gs.Constant(unique_name(graph, f"{node.name or layer.weight.name}/lr_bias"), delta)
-    graph.nodes.append(gs.Node("Add", name=unique_name(graph, f"{node.name}/lr_bias_add"),
-                               inputs=[pre, bias], outputs=[out]))
+    add_after(graph, node, delta, f"{node.name or layer.weight.name}/lr")

@@ -54,7 +54,7 @@ import onnx_graphsurgeon as gs
 
 from onnxlr import linalg, pruning, quantization
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import add_low_rank_branch, consumer_counts, unique_name
+from onnxlr.graph import add_after, add_low_rank_branch, consumer_counts, unique_name
 from onnxlr.passes.factorize_matmul import Layer, match_layer
 from onnxlr.pipeline import LayerChange, PassRecord, config_dict
 from onnxlr.runtimes.stats import TensorStats
@@ -443,7 +443,7 @@ def _shift_bias(graph: gs.Graph, block: Block, shift: np.ndarray) -> None:
         elif len(node.inputs) < 3 or not node.inputs[2].name:
             _set_bias_input(graph, node, shift.astype(dtype))
         else:
-            _add_after(graph, node, shift.astype(dtype))
+            add_after(graph, node, shift.astype(dtype), f"{node.name}/prune")
         return
     if node.op == "Gemm":
         shift = shift * float(node.attrs.get("alpha", 1.0))
@@ -467,7 +467,7 @@ def _shift_bias(graph: gs.Graph, block: Block, shift: np.ndarray) -> None:
             if isinstance(bias, gs.Constant) and np.shape(bias.values) in ((shift.size,), (1, shift.size)):
                 _write_private(graph, add, index, np.asarray(bias.values) + shift)
                 return
-    _add_after(graph, node, shift.astype(dtype))
+    add_after(graph, node, shift.astype(dtype), f"{node.name}/prune")
 
 
 def _set_bias_input(graph: gs.Graph, node: gs.Node, bias: np.ndarray) -> None:
@@ -488,16 +488,6 @@ def _write_private(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarra
         constant.values = values
     else:
         node.inputs[index] = gs.Constant(unique_name(graph, f"{constant.name}/pruned"), values)
-
-
-def _add_after(graph: gs.Graph, node: gs.Node, bias: np.ndarray) -> None:
-    """y = node(x) + bias, through a new Add node that takes over the node's output tensor."""
-    out = node.outputs[0]
-    pre = gs.Variable(unique_name(graph, f"{node.name}/prune_pre_bias"), dtype=out.dtype)
-    node.outputs[0] = pre
-    constant = gs.Constant(unique_name(graph, f"{node.name}/prune_bias"), bias)
-    graph.nodes.append(gs.Node("Add", name=unique_name(graph, f"{node.name}/prune_bias_add"),
-                               inputs=[pre, constant], outputs=[out]))
 
 
 # --------------------------------------------------------------------------------- unstructured
