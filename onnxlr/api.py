@@ -318,8 +318,11 @@ def output_sensitivities(model: onnx.ModelProto, calib: CalibLike, *, samples: i
 
 def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samples, method, rank_ratio, energy,
                ranks, target, force, refit, bias_correction, sequential, conv, conv_ratio, rank_multiple,
-               conv_max_error, latency_guard, embeddings, providers, dims, threads, batch_size):
-    """The low-rank part of :func:`optimize` (its parameters): returns (factorized model, pass records)."""
+               conv_max_error, latency_guard, embeddings, providers, dims, threads, batch_size, memo=None):
+    """The low-rank part of :func:`optimize` (its parameters): returns (factorized model, pass records).
+    ``memo``: a dict kept across calls on the same model and data (the lossless search builds many
+    budgets): calibration statistics and decompositions are computed once and reused."""
+    memo = {} if memo is None else memo
     param_budget, unit_costs = None, None
     if target is not None:
         if embeddings:
@@ -350,15 +353,23 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
     if (method == "fisher" or sequential) and isinstance(calib, Iterator):
         calib = list(calib)  # read more than once (statistics, sensitivities, stages): a one-shot iterator is kept
     if calib is not None and (not sequential or embeddings or param_budget is not None):  # one-shot statistics
-        stats, counts = calibration_stats(work, calib, samples=calib_samples, batch_size=batch_size,
-                                          threads=threads, embeddings=embeddings)
-    conv_stats = conv_patch_stats(work, calib, samples=calib_samples, batch_size=batch_size,
-                                  threads=threads) if convs and calib is not None and method in DATA_AWARE else {}
+        if "stats" not in memo:
+            memo["stats"] = calibration_stats(work, calib, samples=calib_samples, batch_size=batch_size,
+                                              threads=threads, embeddings=embeddings)
+        stats, counts = memo["stats"]
+    conv_stats = {}
+    if convs and calib is not None and method in DATA_AWARE:
+        if "conv_stats" not in memo:
+            memo["conv_stats"] = conv_patch_stats(work, calib, samples=calib_samples, batch_size=batch_size,
+                                                  threads=threads)
+        conv_stats = memo["conv_stats"]
     if method == "fisher":
-        sensitivity = output_sensitivities(work, calib, samples=min(calib_samples or SENSITIVITY_SAMPLES,
-                                                                        SENSITIVITY_SAMPLES),
-                                           batch_size=batch_size, threads=threads)
-    allocation, cache = None, {}
+        if "sensitivity" not in memo:
+            memo["sensitivity"] = output_sensitivities(
+                work, calib, samples=min(calib_samples or SENSITIVITY_SAMPLES, SENSITIVITY_SAMPLES),
+                batch_size=batch_size, threads=threads)
+        sensitivity = memo["sensitivity"]
+    allocation, cache = None, memo.setdefault("factorize_cache", {})
     if param_budget is not None and calib is not None:
         # Two allocations of the same budget, judged end to end on the calibration data: the knapsack
         # (least summed calibrated layer error) wins at light compression, the uniform split can win
@@ -583,7 +594,7 @@ def optimize(
         rank_ratio=rank_ratio, energy=energy, ranks=ranks, force=force, refit=refit,
         bias_correction=bias_correction, sequential=sequential, conv=conv, conv_ratio=conv_ratio,
         rank_multiple=rank_multiple, conv_max_error=conv_max_error, latency_guard=latency_guard,
-        embeddings=embeddings, providers=providers, dims=dims, threads=threads, batch_size=batch_size)
+        embeddings=embeddings, providers=providers, dims=dims, threads=threads, batch_size=batch_size, memo={})
     if recipe_.factorize and target == "lossless":
         target, search = lossless_target(work, tolerance, lambda spec: factorize(import_graph(work), target=spec)[0],
                                          calib, samples=calib_samples, batch_size=batch_size, threads=threads)
