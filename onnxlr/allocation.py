@@ -13,9 +13,11 @@ brute-force optimum in 12% of cases, by up to 70%.)
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 
 def layer_options(k: int, n: int, cost: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -44,7 +46,7 @@ def allocate_ranks(shapes: Sequence[tuple[int, int]], costs: Sequence[np.ndarray
 
     Dynamic programming over the budget cut into ``resolution`` units (each option's parameters
     rounded *up* to whole units, so the answer always fits), then the budget the rounding left unused
-    is spent greedily (:func:`_fill`). Exact up to that rounding: at most one unit per layer. Layers
+    is spent greedily (:func:`fill`). Exact up to that rounding: at most one unit per layer. Layers
     with more than ``max_options`` useful ranks are offered ranks on an even grid (always including
     the largest useful rank). Cost: O(layers * options * resolution).
 
@@ -68,37 +70,13 @@ def allocate_ranks(shapes: Sequence[tuple[int, int]], costs: Sequence[np.ndarray
     options = []
     for (k, n), c, unit in zip(shapes, costs, unit_costs):
         ranks, params, layer_costs = _thinned(*layer_options(k, n, c), max_options)
-        options.append((ranks, params * unit, layer_costs))
+        # dense (rank 0, listed first) moves last: options run from most compressed to dense
+        order = np.r_[1:len(ranks), 0]
+        options.append((ranks[order], params[order] * unit, layer_costs[order]))
     if not options:
         return []
-    if sum(params.min() for _, params, _ in options) > budget:
-        picks = [int(np.argmin(params)) for _, params, _ in options]
-    else:
-        unit = budget / resolution
-        best = np.zeros(resolution + 1)  # least cost of the layers so far within b units
-        choice = np.zeros((len(options), resolution + 1), dtype=np.int32)
-        for layer, (_, params, cost) in enumerate(options):
-            new = np.full(resolution + 1, np.inf)
-            for j, (p, c) in enumerate(zip(params, cost)):
-                w = int(np.ceil(p / unit - 1e-9))
-                if w > resolution:
-                    continue
-                candidate = best[:resolution + 1 - w] + c
-                better = candidate < new[w:]
-                new[w:][better] = candidate[better]
-                choice[layer, w:][better] = j
-            best = new
-        if not np.isfinite(best[resolution]):  # fits only without the rounding: take the smallest options
-            best_picks = [int(np.argmin(params)) for _, params, _ in options]
-            return [None if r[i] == 0 else int(r[i]) for (r, _, _), i in zip(options, best_picks)]
-        picks, b = [0] * len(options), resolution
-        for layer in range(len(options) - 1, -1, -1):  # backtrack
-            j = int(choice[layer, b])
-            picks[layer] = j
-            b -= int(np.ceil(options[layer][1][j] / unit - 1e-9))
-    used = float(sum(params[i] for (_, params, _), i in zip(options, picks)))
-    picks = _fill(options, picks, budget - used)
-    return [None if ranks[i] == 0 else int(ranks[i]) for (ranks, _, _), i in zip(options, picks)]
+    picks = knapsack([p for _, p, _ in options], [c for _, _, c in options], budget, resolution=resolution)
+    return [None if ranks[j] == 0 else int(ranks[j]) for (ranks, _, _), j in zip(options, picks)]
 
 
 def _thinned(ranks, params, costs, max_options: int):
@@ -110,22 +88,222 @@ def _thinned(ranks, params, costs, max_options: int):
     return ranks[keep], params[keep], costs[keep]
 
 
-def _fill(options, picks: list[int], left: float) -> list[int]:
-    """Spend what the Lagrangian solution left of the budget: repeatedly take the single-layer move to
-    a larger option (next rank, or dense) with the best cost decrease per parameter that still fits."""
+# ----------------------------------------------------------------------------------------------------
+# Level tables: the general form every allocator below works on. Layer l offers options j = 0..J_l-1
+# ordered from most compressed to dense (the last), each with a cost in budget units (parameters,
+# bytes, MACs or milliseconds) and an error (predicted or measured). ``picks[l]`` is the option taken.
+
+
+def rank_levels(k: int, n: int, levels: int = 32) -> np.ndarray:
+    """Ranks offered for a (k, n) weight: an even grid of at most ``levels`` ranks below the break-even
+    rank ``k*n/(k+n)`` (every multiple of the step), then 0 for "stay dense" as the last option."""
+    useful = [r for r in range(1, min(k, n) + 1) if r * (k + n) < k * n]
+    if not useful:
+        return np.array([0])
+    step = max(1, int(np.ceil(len(useful) / levels)))
+    grid = list(range(useful[-1], 0, -step))[::-1]
+    return np.array([*grid, 0])
+
+
+def total_cost(costs: Sequence[np.ndarray], picks: Sequence[int]) -> float:
+    return float(sum(c[j] for c, j in zip(costs, picks)))
+
+
+def knapsack(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget: float, *,
+             resolution: int = 4096) -> list[int]:
+    """The options minimising the summed error with the summed cost within ``budget``: dynamic
+    programming over the budget cut into ``resolution`` units (costs rounded *up*, so the answer
+    always fits), then what the rounding left is spent by :func:`fill`. Exact up to that rounding.
+    When even the cheapest options exceed the budget, the cheapest are returned."""
+    cheapest = [int(np.argmin(c)) for c in costs]
+    if not costs or total_cost(costs, cheapest) > budget:
+        return cheapest
+    unit = budget / resolution
+    best = np.zeros(resolution + 1)  # least error of the layers so far within b units
+    choice = np.zeros((len(costs), resolution + 1), dtype=np.int32)
+    for layer, (cost, error) in enumerate(zip(costs, errors)):
+        new = np.full(resolution + 1, np.inf)
+        for j, (c, e) in enumerate(zip(cost, error)):
+            w = int(np.ceil(c / unit - 1e-9))
+            if w > resolution:
+                continue
+            candidate = best[:resolution + 1 - w] + e
+            better = candidate < new[w:]
+            new[w:][better] = candidate[better]
+            choice[layer, w:][better] = j
+        best = new
+    if not np.isfinite(best[resolution]):  # fits only without the rounding
+        return cheapest
+    picks, b = [0] * len(costs), resolution
+    for layer in range(len(costs) - 1, -1, -1):  # backtrack
+        j = int(choice[layer, b])
+        picks[layer] = j
+        b -= int(np.ceil(costs[layer][j] / unit - 1e-9))
+    return fill(costs, errors, picks, budget)
+
+
+def fill(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], picks: Sequence[int], budget: float) -> list[int]:
+    """Spend what ``picks`` leave of the budget: repeatedly move one layer to its next option with the
+    best error decrease per unit of cost that still fits."""
     picks = list(picks)
+    left = budget - total_cost(costs, picks)
     while True:
         best, best_gain = None, 0.0
-        for layer, ((ranks, params, costs), i) in enumerate(zip(options, picks)):
-            if ranks[i] == 0:
-                continue  # already dense
-            nxt = i + 1 if i + 1 < len(ranks) else 0  # past the last useful rank: dense
-            extra = params[nxt] - params[i]
-            gain = costs[i] - costs[nxt]
-            if extra <= left and gain > 0 and (best is None or gain / extra > best_gain):
-                best, best_gain = (layer, nxt, extra), gain / extra
+        for layer, (cost, error, j) in enumerate(zip(costs, errors, picks)):
+            if j + 1 >= len(cost):
+                continue
+            extra = cost[j + 1] - cost[j]
+            gain = error[j] - error[j + 1]
+            if extra <= left and gain > 0 and (best is None or gain / max(extra, 1e-300) > best_gain):
+                best, best_gain = (layer, extra), gain / max(extra, 1e-300)
         if best is None:
             return picks
-        layer, nxt, extra = best
-        picks[layer] = nxt
+        layer, extra = best
+        picks[layer] += 1
         left -= extra
+
+
+def uniform(costs: Sequence[np.ndarray], budget: float) -> list[int]:
+    """Every layer keeps the same share ``s`` of its dense cost (its largest option costing at most
+    ``s`` times the last), with ``s`` the largest share whose total fits (bisection)."""
+    def picks_at(share: float) -> list[int]:
+        return [max(0, int(np.searchsorted(c, share * c[-1], side="right")) - 1) for c in costs]
+
+    low, high = 0.0, 1.0
+    if total_cost(costs, picks_at(high)) <= budget:
+        return picks_at(high)
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if total_cost(costs, picks_at(middle)) <= budget else (low, middle)
+    return picks_at(low)
+
+
+def greedy(costs: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget: float) -> list[int]:
+    """AIMET-style: one error threshold ``t`` for all layers, each taking its cheapest option whose
+    error is at most ``t``; the smallest threshold whose total fits (bisection over the errors seen),
+    then :func:`fill` spends the rest."""
+    def picks_at(t: float) -> list[int]:
+        out = []
+        for cost, error in zip(costs, errors):
+            ok = np.flatnonzero(np.asarray(error) <= t)
+            out.append(int(ok[np.argmin(np.asarray(cost)[ok])]) if ok.size else len(cost) - 1)
+        return out
+
+    thresholds = np.unique(np.concatenate([np.asarray(e, np.float64) for e in errors])) if errors else np.zeros(1)
+    low, high = 0, len(thresholds) - 1  # total cost falls as the threshold rises
+    if total_cost(costs, picks_at(thresholds[high])) > budget:
+        return [int(np.argmin(c)) for c in costs]
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if total_cost(costs, picks_at(thresholds[middle])) <= budget else (middle + 1, high)
+    return fill(costs, errors, picks_at(thresholds[low]), budget)
+
+
+@dataclass
+class SearchLog:
+    """What an evolutionary search did: generations run, fitness evaluations (each on a subset of the
+    calibration batches; ``batch_runs`` counts those), and the best fitness after each generation."""
+
+    generations: int = 0
+    evaluations: int = 0
+    batch_runs: int = 0
+    best: list[float] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def evolutionary(costs: Sequence[np.ndarray], budget: float, fitness: Callable[[tuple[int, ...], Sequence[int]], float],
+                 start: Sequence[int], n_batches: int, *, generations: int = 40, offspring: int = 16,
+                 stages: Sequence[tuple[int, float]] = ((4, 0.25), (1, 1.0)), max_mutations: int = 3,
+                 steps: Sequence[int] | None = None, patience: int = 8, seed: int = 0,
+                 progress: bool | None = None) -> tuple[list[int], SearchLog]:
+    """EvoPress-style search over per-layer options under a budget.
+
+    Each generation makes ``offspring`` distinct children of the current parent by level-switch
+    mutations — min(U{1..max_mutations}, U{1..max_mutations}) times: one layer down ``steps[l]``
+    options (default 1; on a fine rank grid, a coarser move), another up as many options as the freed
+    budget allows — so every child stays within ``budget``. Children
+    are then selected in ``stages`` ``(survivors, share of the batches)``: each stage scores the
+    remaining candidates on a fresh random subset of that share of the ``n_batches`` calibration
+    batches and keeps the best ``survivors``; the parent joins the last stage (elitism), whose subset
+    is every batch when its share is 1, so the parent's fitness never gets worse. ``fitness(picks,
+    batch_ids)`` is the end-to-end divergence of a candidate (lower is better). Stops after
+    ``patience`` generations without improvement. Deterministic for a given ``seed``.
+
+    Returns the best picks found and a :class:`SearchLog`.
+    """
+    rng = np.random.default_rng(seed)
+    steps = [1] * len(costs) if steps is None else [max(1, int(s)) for s in steps]
+    log = SearchLog()
+    memo: dict[tuple, float] = {}
+    everything = tuple(range(n_batches))
+
+    def score(picks: tuple[int, ...], ids: Sequence[int]) -> float:
+        key = (picks, tuple(ids))
+        if key not in memo:
+            memo[key] = fitness(picks, ids)
+            log.evaluations += 1
+            log.batch_runs += len(ids)
+        return memo[key]
+
+    def subset(share: float) -> tuple[int, ...]:
+        if share >= 1.0:
+            return everything
+        size = max(1, int(round(share * n_batches)))
+        return tuple(sorted(rng.choice(n_batches, size=size, replace=False).tolist()))
+
+    def mutate(parent: tuple[int, ...]) -> tuple[int, ...]:
+        child = list(parent)
+        for _ in range(min(rng.integers(1, max_mutations + 1), rng.integers(1, max_mutations + 1))):
+            down = [l for l, j in enumerate(child) if j > 0]
+            up = [l for l, j in enumerate(child) if j + 1 < len(costs[l])]
+            if not down or not up:
+                break
+            i = down[rng.integers(len(down))]
+            up = [l for l in up if l != i] or up
+            j = up[rng.integers(len(up))]
+            child[i] = max(0, child[i] - steps[i])
+            left = budget - total_cost(costs, child)
+            while child[j] + 1 < len(costs[j]) and costs[j][child[j] + 1] - costs[j][child[j]] <= left:
+                left -= costs[j][child[j] + 1] - costs[j][child[j]]
+                child[j] += 1
+        return tuple(child)
+
+    parent = tuple(int(j) for j in start)
+    if total_cost(costs, parent) > budget:
+        raise ValueError("the starting point exceeds the budget")
+    final_ids = subset(stages[-1][1])
+    best = score(parent, final_ids)
+    stale = 0
+    # progress=None: a bar on a terminal only, silent in logs and tests
+    bar = tqdm(range(generations), desc="evolutionary search", unit="gen", leave=False,
+               disable=None if progress is None else not progress)
+    for _ in bar:
+        children: list[tuple[int, ...]] = []
+        for _attempt in range(20 * offspring):
+            if len(children) == offspring:
+                break
+            child = mutate(parent)
+            if child != parent and child not in children:
+                children.append(child)
+        if not children:
+            break
+        survivors = children
+        for number, (keep, share) in enumerate(stages):
+            last = number == len(stages) - 1
+            ids = final_ids if last else subset(share)
+            if last:
+                survivors = [*survivors, parent]
+            survivors = sorted(survivors, key=lambda c: score(c, ids))[:keep]
+        log.generations += 1
+        winner = survivors[0]
+        fit = score(winner, final_ids)
+        if fit < best:
+            parent, best, stale = winner, fit, 0
+        else:
+            stale += 1
+        log.best.append(best)
+        bar.set_postfix(fitness=f"{best:.4g}")
+        if stale >= patience:
+            log.stopped_early = True
+            break
+    return list(parent), log

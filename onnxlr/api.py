@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxlr import budget as budget_search
 from onnxlr import io, linalg, prequantized
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import count_parameters, import_graph, truncated
@@ -22,7 +23,7 @@ from onnxlr import conv_factors
 from onnxlr.passes.factorize_conv import DECOMPOSITIONS, FactorizeConv, FactorizeConvConfig, find_convs
 from onnxlr.passes.fold_constants import FoldConstants
 from onnxlr.passes.factorize_embedding import FactorizeEmbedding, FactorizeEmbeddingConfig, find_tables
-from onnxlr.passes.factorize_matmul import DATA_AWARE, FactorizeMatMul, FactorizeMatMulConfig, find_layers
+from onnxlr.passes.factorize_matmul import DATA_AWARE, FactorizeMatMul, FactorizeMatMulConfig, _override, find_layers
 from onnxlr.passes.factorize_sequential import FactorizeMatMulSequential
 from onnxlr.passes.prune import channel_rows
 from onnxlr.pipeline import PassManager, PassRecord
@@ -37,7 +38,8 @@ from onnxlr.runtimes.providers import default_threads, make_session, parse_provi
 from onnxlr.runtimes.sensitivity import output_sensitivity
 from onnxlr.runtimes.latency_guard import LatencyGuard
 from onnxlr.runtimes.stats import PairedRuns, collect_stats, collect_unfolded_stats
-from onnxlr.runtimes.validate import calibration_output_error, validate_models
+from onnxlr.runtimes.swap import SwapRunner
+from onnxlr.runtimes.validate import validate_models
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 InputsLike = str | os.PathLike | Mapping[str, np.ndarray] | None
@@ -72,7 +74,7 @@ def parse_tolerance(spec: float | str | Tolerance | None) -> Tolerance | None:
     return Tolerance(metric, number)
 
 
-TARGETS = ("params", "macs", "bytes")
+TARGETS = ("params", "macs", "bytes", "latency")
 
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
@@ -272,34 +274,56 @@ def input_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) 
     return shapes
 
 
+# The search scores candidates on calibration batches of this many samples (fewer, larger runs).
+SEARCH_BATCH_SIZE = 32
+# The end-to-end divergence each --max-error metric is searched with (see runtimes.swap.DIVERGENCES).
+SEARCH_DIVERGENCE = {"cosine": "cosine", "kl": "kl", "top1": "kl"}
+
+
 def choose_allocation(model: onnx.ModelProto, config: FactorizeMatMulConfig, stats, sensitivity,
-                      calib: CalibLike, *, samples: int | None = None, batch_size: int = 8,
-                      threads: int | None = None, cache: dict | None = None) -> dict[str, Any]:
-    """Ranks for ``config.param_budget``: the knapsack allocation or the uniform one (every layer
-    keeps the same share of its parameters, hence of its multiply-adds), whichever gives the smaller end-to-end output error on
-    the calibration data. Returns ``{"ranks", "allocator", "calib_output_error": {allocator: error}}``;
-    ranks are keyed by weight name, 0 for a layer left dense. ``cache``: see ``FactorizeMatMul`` (pass
-    the same dict to the final pass to reuse the decompositions)."""
+                      calib: CalibLike, *, allocator: str = "auto", divergence: str = "rel_l2",
+                      samples: int | None = None, threads: int | None = None, cache: dict | None = None,
+                      cost_of=None, seed: int = 0, generations: int = 40) -> dict[str, Any]:
+    """Ranks for ``config.param_budget`` (in the units of ``config.unit_costs``, or of ``cost_of``:
+    ``(layer, ranks) -> cost per rank``, 0 = dense) chosen by ``allocator`` (:mod:`onnxlr.budget`),
+    candidates scored end to end on ``calib`` with ``divergence``. Layers with a rank in
+    ``config.ranks`` keep it; their cost comes off the budget. Returns ``{"ranks": {weight name:
+    rank, 0 = dense}, "allocator": the one kept, "record": the report's record of the search}``.
+    ``cache``: see ``FactorizeMatMul`` (pass the same dict to the final pass to reuse the
+    decompositions)."""
+    if calib is None and allocator == "evolutionary":
+        raise OnnxlrError("the evolutionary allocator scores candidates end to end: it needs --calib")
     cache = {} if cache is None else cache
     layers, _ = find_layers(import_graph(model))
-    weights = {layer.weight.name: layer.W.shape for layer in layers}
-    unit = config.unit_costs or {}
-    share = config.param_budget / sum(k * n * unit.get(name, 1.0) for name, (k, n) in weights.items())
-    options = {
-        "knapsack": {name: rank or 0 for (name, _), rank in
-                     FactorizeMatMul(config, stats, sensitivity, cache=cache).allocate(layers).items()},
-        "uniform": {name: max(1, int(share * k * n / (k + n))) for name, (k, n) in weights.items()},
-    }
-    built = {}
-    for allocator, ranks in options.items():
-        fixed = dataclasses.replace(config, param_budget=None, ranks={**ranks, **config.ranks})
-        built[allocator] = PassManager([FactorizeMatMul(fixed, stats, sensitivity, cache=cache)]).run(model)[0] \
-            .SerializeToString()
-    errors = calibration_output_error(model.SerializeToString(), built,
-                                      calibration_batches(calib, model, samples=samples, batch_size=batch_size),
-                                      mask_input=find_mask_input(model, None), threads=threads or default_threads())
-    best = min(errors, key=errors.get)
-    return {"ranks": options[best], "allocator": best, "calib_output_error": errors}
+    factorize = FactorizeMatMul(dataclasses.replace(config, param_budget=None), stats, sensitivity, cache=cache)
+    decompositions = factorize.decompositions(layers)
+    given = {}  # weight key -> (layer, the user's rank; 0 where it would not save parameters: dense)
+    for layer in layers:
+        rank = _override(config, layer)
+        if rank is not None:
+            given[(layer.weight.name, layer.transposed)] = (
+                layer, rank if linalg.saves_parameters(*layer.W.shape, rank) else 0)
+    searched = [layer for layer in layers if (layer.weight.name, layer.transposed) not in given]
+    table = budget_search.level_table(searched, decompositions, config.unit_costs, cost_of=cost_of)
+    spent = 0.0  # what the layers with a user-given rank take of the budget
+    for layer, rank in given.values():
+        k, n = layer.W.shape
+        if cost_of is not None:
+            spent += float(cost_of(layer, np.array([rank]))[0])
+        else:
+            spent += (rank * (k + n) if rank else k * n) * (config.unit_costs or {}).get(layer.weight.name, 1.0)
+    candidates = budget_search.Candidates(factorize, layers, decompositions, table,
+                                          fixed={key: rank for key, (_, rank) in given.items()})
+    runner = None
+    if calib is not None:
+        if isinstance(calib, Iterator):
+            calib = list(calib)
+        batches = list(calibration_batches(calib, model, samples=samples, batch_size=SEARCH_BATCH_SIZE))
+        runner = SwapRunner(model, layers, batches, divergence=divergence, threads=threads or default_threads())
+    result = budget_search.search(table, config.param_budget - spent, allocator, candidates, runner,
+                                  seed=seed, generations=generations)
+    return {"ranks": {key[0]: rank for key, rank in result.ranks.items()}, "allocator": result.allocator,
+            "record": result.record()}
 
 
 def output_sensitivities(model: onnx.ModelProto, calib: CalibLike, *, samples: int = SENSITIVITY_SAMPLES,
@@ -318,17 +342,24 @@ def output_sensitivities(model: onnx.ModelProto, calib: CalibLike, *, samples: i
 
 def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samples, method, rank_ratio, energy,
                ranks, target, force, refit, bias_correction, sequential, conv, conv_ratio, rank_multiple,
-               conv_max_error, latency_guard, embeddings, providers, dims, threads, batch_size, memo=None):
+               conv_max_error, latency_guard, embeddings, providers, dims, threads, batch_size,
+               allocator="auto", divergence="rel_l2", seed=0, memo=None):
     """The low-rank part of :func:`optimize` (its parameters): returns (factorized model, pass records).
     ``memo``: a dict kept across calls on the same model and data (the lossless search builds many
     budgets): calibration statistics and decompositions are computed once and reused."""
     memo = {} if memo is None else memo
-    param_budget, unit_costs = None, None
+    param_budget, unit_costs, cost_of = None, None, None
     if target is not None:
         if embeddings:
             raise OnnxlrError("--target does not allocate embedding tables yet; use --rank-ratio or --energy "
                               "with --embeddings")
-        param_budget, unit_costs = layer_budget(work, parse_target(target), work_graph, dims)
+        kind, share = parse_target(target)
+        if kind == "latency":
+            param_budget, cost_of = budget_search.latency_costs(
+                work, find_layers(work_graph)[0], share, provider=parse_providers(providers)[0],
+                threads=threads or default_threads(), dims=dims)
+        else:
+            param_budget, unit_costs = layer_budget(work, (kind, share), work_graph, dims)
     elif rank_ratio is None and energy is None and not ranks:
         rank_ratio = DEFAULT_RANK_RATIO
     method = method or ("whitened" if calib is not None else "svd")
@@ -370,12 +401,11 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
                 batch_size=batch_size, threads=threads)
         sensitivity = memo["sensitivity"]
     allocation, cache = None, memo.setdefault("factorize_cache", {})
-    if param_budget is not None and calib is not None:
-        # Two allocations of the same budget, judged end to end on the calibration data: the knapsack
-        # (least summed calibrated layer error) wins at light compression, the uniform split can win
-        # at heavy compression, where layer errors compound (docs/benchmarks.md).
-        allocation = choose_allocation(work, config, stats, sensitivity, calib, samples=calib_samples,
-                                       batch_size=batch_size, threads=threads, cache=cache)
+    if param_budget is not None:
+        # The allocators of onnxlr.budget, candidates judged end to end on the calibration data.
+        allocation = choose_allocation(work, config, stats, sensitivity, calib, allocator=allocator,
+                                       divergence=divergence, samples=calib_samples, threads=threads,
+                                       cache=cache, cost_of=cost_of, seed=seed)
         config = dataclasses.replace(config, param_budget=None, ranks={**allocation["ranks"], **config.ranks})
     if sequential:
         collect = paired_collector(work, calib, samples=calib_samples, batch_size=batch_size, threads=threads)
@@ -396,7 +426,7 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
             rank_ratio=rank_ratio, energy=energy, ranks=table_ranks, force=force), counts))
     optimized, records = PassManager(passes).run(work)
     if allocation is not None:
-        records[0].config["allocation"] = {k: v for k, v in allocation.items() if k != "ranks"}
+        records[0].config["allocation"] = allocation["record"]
     return optimized, records
 
 
@@ -489,6 +519,8 @@ def optimize(
     energy: float | None = None,
     ranks: Mapping[str, int] | None = None,
     target: str | tuple[str, float] | None = None,
+    allocator: str = "auto",
+    seed: int = 0,
     force: bool = False,
     refit: bool = True,
     bias_correction: bool = True,
@@ -532,6 +564,12 @@ def optimize(
         ``max_error`` on the calibration data, found by bisection, :func:`lossless_target`); the ranks of the
         factorizable layers are allocated to fit (``onnxlr.allocation``: least summed truncation error
         of the method's spectrum, some layers possibly left dense). Excludes ``rank_ratio``/``energy``.
+    allocator : how ``target`` spreads the budget over the layers (:mod:`onnxlr.budget`): ``uniform``,
+        ``greedy``, ``knapsack``, ``evolutionary`` (needs ``calib``; seeded by ``seed``) or ``auto``
+        (default: uniform and two knapsacks, the best end to end on ``calib`` kept). Candidates are
+        scored by the divergence matching ``max_error``'s metric (cosine gap, KL of softmax for
+        ``kl``/``top1``, else squared relative L2).
+    seed : seed of the evolutionary search (the result is deterministic for a given seed).
     ranks : per-layer ranks keyed by node or weight name (override the rule above).
     force : rewrite layers even when their rank would not save parameters.
     refit, bias_correction : data-aware methods refit the output factor to the layer's true output
@@ -564,6 +602,10 @@ def optimize(
     (optimized ModelProto, Report)
     """
     recipe_ = get_recipe(recipe)
+    if allocator not in budget_search.ALLOCATORS:
+        raise OnnxlrError(f"unknown allocator {allocator!r} (choose from {', '.join(budget_search.ALLOCATORS)})")
+    if allocator != "auto" and target is None:
+        raise OnnxlrError("--allocator spreads a --target budget over the layers: give --target too")
     factorize_options = {"method": method, "rank_ratio": rank_ratio, "energy": energy, "ranks": ranks or None,
                          "target": target, "sequential": sequential or None, "conv_ratio": conv_ratio,
                          "embeddings": embeddings or None}
@@ -594,7 +636,9 @@ def optimize(
         rank_ratio=rank_ratio, energy=energy, ranks=ranks, force=force, refit=refit,
         bias_correction=bias_correction, sequential=sequential, conv=conv, conv_ratio=conv_ratio,
         rank_multiple=rank_multiple, conv_max_error=conv_max_error, latency_guard=latency_guard,
-        embeddings=embeddings, providers=providers, dims=dims, threads=threads, batch_size=batch_size, memo={})
+        embeddings=embeddings, providers=providers, dims=dims, threads=threads, batch_size=batch_size,
+        allocator=allocator, seed=seed, memo={},
+        divergence=SEARCH_DIVERGENCE.get(tolerance.metric if tolerance else "", "rel_l2"))
     if recipe_.factorize and target == "lossless":
         target, search = lossless_target(work, tolerance, lambda spec: factorize(import_graph(work), target=spec)[0],
                                          calib, samples=calib_samples, batch_size=batch_size, threads=threads)

@@ -77,12 +77,19 @@ def _add_rank_options(p: argparse.ArgumentParser) -> None:
                       help=f"keep ceil(R*min(k,n)) singular values per layer (default {api.DEFAULT_RANK_RATIO})")
     rule.add_argument("--energy", type=_ratio, metavar="E",
                       help="keep the smallest rank holding share E of each layer's squared spectrum")
-    rule.add_argument("--target", metavar="params=F|macs=F|bytes=SIZE|lossless",
+    rule.add_argument("--target", metavar="params=F|macs=F|bytes=SIZE|latency=F|lossless",
                       help="keep share F of the model's parameters (or of its multiply-adds per run at the "
-                           "--dim sizes; bytes=12MB: fit that serialized size), ranks allocated across layers "
-                           "for the least calibrated error (some "
-                           "layers may stay dense); lossless: the smallest parameter share that still meets "
-                           "--max-error on the --calib data (bisection), confirmed on --inputs")
+                           "--dim sizes; bytes=12MB: fit that serialized size; latency=F: share F of the "
+                           "original's latency on the first provider, from per-layer timings), ranks "
+                           "allocated across layers by --allocator (some layers may stay dense); lossless: "
+                           "the smallest parameter share that still meets --max-error on the --calib data "
+                           "(bisection), confirmed on --inputs")
+    p.add_argument("--allocator", choices=api.budget_search.ALLOCATORS, default="auto",
+                   help="how --target spreads its budget: uniform, greedy (one threshold on end-to-end "
+                        "sensitivity curves), knapsack (least summed end-to-end error), evolutionary "
+                        "(EvoPress-style search scored end to end on --calib), auto (default: the best of "
+                        "uniform and knapsack on --calib)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evolutionary search")
     p.add_argument("--sequential", action="store_true",
                    help="data-aware methods: fit each layer to the input the already-compressed layers "
                         "give it (one calibration pass per stage of layers; slower)")
@@ -181,7 +188,7 @@ def cmd_optimize(args) -> int:
     optimized, report = api.optimize(
         args.model, recipe=args.recipe, calib=args.calib, calib_samples=args.calib_samples, method=args.method,
         rank_ratio=args.rank_ratio, energy=args.energy, target=args.target, sequential=args.sequential,
-        conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
+        allocator=args.allocator, seed=args.seed, conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
         conv_max_error=args.conv_max_error, latency_guard=args.latency_guard,
         ranks=_parse_ranks(args.rank),
         force=args.force, embeddings=args.embeddings, validate=not args.no_validate, **_validation_kwargs(args))
@@ -244,7 +251,7 @@ def cmd_demo(args) -> int:
     optimized, report = api.optimize(
         model_path, recipe=args.recipe, calib=args.calib or calib_npz, calib_samples=args.calib_samples, method=args.method,
         rank_ratio=args.rank_ratio, energy=args.energy, target=args.target, sequential=args.sequential,
-        conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
+        allocator=args.allocator, seed=args.seed, conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
         conv_max_error=args.conv_max_error, latency_guard=args.latency_guard,
         ranks=_parse_ranks(args.rank),
         force=args.force, embeddings=args.embeddings, providers=args.providers, inputs=eval_npz)

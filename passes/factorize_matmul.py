@@ -347,6 +347,22 @@ class FactorizeMatMul:
         """Ranks per (weight name, transposed) under ``config.param_budget``; None = stays dense."""
         return self._allocate(layers, self._decompositions(layers)[1])
 
+    def factors(self, layer: Layer, rank: int, decomposition: tuple, paired=None):
+        """``(A (k, r), B (r, n), delta (n,) or None)`` of ``layer`` at ``rank``: its factors and the
+        bias correction folded after it. ``decomposition``: the layer's entry of
+        :meth:`decompositions`; ``paired``: its statistics there (sequential fits only)."""
+        st, _, _, make_factors = decomposition
+        A, B = make_factors(rank)
+        delta = None
+        if st is not None and self.config.bias_correction:
+            ref_mean = paired.ref.mean if isinstance(paired, CrossStats) else st.mean
+            delta = linalg.bias_correction(layer.W, A, B, ref_mean, st.mean)
+        return A, B, delta
+
+    def decompositions(self, layers: list[Layer]) -> dict:
+        """Per (weight name, transposed): ``(stats used, sensitivity, spectrum, rank -> (A, B))``."""
+        return self._decompositions(layers)[1]
+
     def run(self, graph: gs.Graph) -> PassRecord:
         record = PassRecord(self.name, config_dict(self.config))
         layers, skipped = find_layers(graph)
@@ -395,11 +411,7 @@ class FactorizeMatMul:
                 continue
             fkey = key + (rank,)
             if fkey not in factors:
-                A, B = make_factors(rank)
-                delta = None
-                if st is not None and self.config.bias_correction:
-                    ref_mean = paired.ref.mean if isinstance(paired, CrossStats) else st.mean
-                    delta = linalg.bias_correction(layer.W, A, B, ref_mean, st.mean)
+                A, B, delta = self.factors(layer, rank, decompositions[key], paired)
                 factors[fkey] = (*self._constants(graph, layer, A, B), delta,
                                  _errors(layer.W, A, B, paired, delta is not None))
             A_c, B_c, delta, errors = factors[fkey]

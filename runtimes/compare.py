@@ -15,6 +15,8 @@ class OutputComparison:
     rel_l2 : ``||out - ref|| / ||ref||`` over the whole tensor.
     cosine : cosine similarity of the flattened tensors.
     cosine_min : the worst per-sample (axis 0) cosine; equals ``cosine`` for 0-/1-D outputs.
+    kl : mean over rows of KL(softmax(ref) ‖ softmax(out)) along the last axis (for logits).
+    top1 : share of rows whose argmax along the last axis agrees with the reference's.
     """
 
     name: str
@@ -23,6 +25,8 @@ class OutputComparison:
     rel_l2: float
     cosine: float
     cosine_min: float
+    kl: float = 0.0
+    top1: float = 1.0
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -50,6 +54,8 @@ def compare(name: str, reference: np.ndarray, output: np.ndarray) -> OutputCompa
     cosine = float(_cosine(ref.reshape(1, -1), out.reshape(1, -1))[0])
     rows = ref.reshape(ref.shape[0], -1) if ref.ndim >= 2 else ref.reshape(1, -1)
     cosine_min = float(_cosine(rows, out.reshape(rows.shape)).min()) if rows.size else 1.0
+    last = ref.reshape(-1, ref.shape[-1]) if ref.ndim else ref.reshape(1, 1)
+    out_last = out.reshape(last.shape)
     return OutputComparison(
         name=name,
         shape=list(ref.shape),
@@ -57,7 +63,20 @@ def compare(name: str, reference: np.ndarray, output: np.ndarray) -> OutputCompa
         rel_l2=rel,
         cosine=cosine,
         cosine_min=cosine_min,
+        kl=kl_softmax(last, out_last) if last.size else 0.0,
+        top1=float(np.mean(last.argmax(axis=-1) == out_last.argmax(axis=-1))) if last.size else 1.0,
     )
+
+
+def kl_softmax(ref: np.ndarray, out: np.ndarray) -> float:
+    """Mean over rows of KL(softmax(ref) ‖ softmax(out)) along the last axis."""
+    lp, lq = _log_softmax(np.asarray(ref, np.float64)), _log_softmax(np.asarray(out, np.float64))
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 TOLERANCE_METRICS = {
@@ -65,12 +84,15 @@ TOLERANCE_METRICS = {
     "rel_l2": ("relative L2 error", False),
     "max_abs": ("max abs error", False),
     "cosine": ("worst per-sample cosine", True),
+    "kl": ("KL divergence of the softmax (last axis)", False),
+    "top1": ("top-1 agreement (last axis)", True),
 }
 
 
 @dataclass
 class Tolerance:
-    """A bound every output must meet: ``rel_l2``/``max_abs`` at most ``value``, ``cosine`` at least."""
+    """A bound every output must meet: ``rel_l2``/``max_abs``/``kl`` at most ``value``, ``cosine``
+    (worst sample) and ``top1`` at least."""
 
     metric: str
     value: float

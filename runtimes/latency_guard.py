@@ -6,42 +6,29 @@ original conv and one with its replacement chain, fed a random input of the laye
 shape, timed interleaved (``runtimes.latency.measure``) on the target provider. The replacement is
 accepted when its median is below ``max_ratio`` times the original's.
 
-Results are cached in a JSON file keyed by provider, ORT version, CPU model, thread count, input
-shape, and the weight shapes and attributes of both sides, so a second run (or another model with
-the same layer shapes) does not measure again.
+Results are cached in a JSON file (``runtimes.latency_cache``) keyed by provider, ORT version, CPU
+model, thread count, input shape, and the weight shapes and attributes of both sides, so a second run
+(or another model with the same layer shapes) does not measure again.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import platform
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from onnxlr.runtimes.latency import measure
+from onnxlr.runtimes.latency_cache import CACHE_DIR, DiskCache, cpu_model, measurement_key
 from onnxlr.runtimes.providers import make_session
 
 MIN_SECONDS = 0.2
 MAX_REPEATS = 5000
-DEFAULT_CACHE = Path(os.environ.get("ONNXLR_CACHE", Path.home() / ".cache" / "onnxlr")) / "latency.json"
+DEFAULT_CACHE = CACHE_DIR / "latency.json"
 
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+__all__ = ["DEFAULT_CACHE", "LatencyGuard", "cpu_model"]
 
 
 class LatencyGuard:
@@ -59,7 +46,7 @@ class LatencyGuard:
         self.repeats = repeats
         self.max_ratio = max_ratio
         self.cache_path = cache
-        self._cache = self._load()
+        self._cache = DiskCache(cache)  # key -> [ms before, ms after]
 
     def __call__(self, layer, candidate) -> tuple[bool, str]:
         from onnxlr.passes.factorize_conv import rewrite  # the same rewrite the pass applies
@@ -76,10 +63,12 @@ class LatencyGuard:
         replaced = gs.export_onnx(graph)
         replaced.ir_version = original.ir_version
         key = self._key(original, replaced, shape)
-        if key not in self._cache:
-            self._cache[key] = self._measure(original, replaced, shape)
-            self._save()
-        before, after = self._cache[key]
+        found = self._cache.get(key)
+        if not (isinstance(found, (list, tuple)) and len(found) == 2):
+            found = self._measure(original, replaced, shape)
+            self._cache.put(key, list(found))
+            self._cache.save()
+        before, after = found
         ratio = after / before if before > 0 else float("inf")
         verdict = f"{before:.3f} ms -> {after:.3f} ms ({ratio:.2f}x) on {self.provider}"
         if ratio < self.max_ratio:
@@ -100,26 +89,7 @@ class LatencyGuard:
         def signature(model):
             return [(n.op_type, [(a.name, onnx.helper.get_attribute_value(a)) for a in n.attribute],
                      [list(t.dims) for t in model.graph.initializer if t.name in n.input]) for n in model.graph.node]
-        blob = json.dumps([self.provider, ort.__version__, cpu_model(), self.threads, list(shape),
-                           signature(original), signature(replaced)], default=str, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-    def _load(self) -> dict:
-        if self.cache_path is None or not Path(self.cache_path).exists():
-            return {}
-        try:
-            return {k: tuple(v) for k, v in json.loads(Path(self.cache_path).read_text()).items()}
-        except (OSError, ValueError):
-            return {}  # a damaged cache is only a lost speed-up: measure again
-
-    def _save(self) -> None:
-        if self.cache_path is None:
-            return
-        path = Path(self.cache_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._cache))
-        os.replace(tmp, path)
+        return measurement_key(self.provider, self.threads, list(shape), signature(original), signature(replaced))
 
 
 def _single_conv(layer, shape) -> onnx.ModelProto:

@@ -129,32 +129,3 @@ def _output_mismatch(reference: dict[str, np.ndarray], produced: dict[str, np.nd
 def _one_line(exc: Exception) -> str:
     text = " ".join(str(exc).split())
     return text[:300]
-
-
-def calibration_output_error(reference: ModelSource, candidates: dict[str, ModelSource], feeds_batches,
-                             *, mask_input: str | None = None, threads: int = 2) -> dict[str, float]:
-    """End-to-end relative L2 error of each candidate against ``reference`` over calibration batches:
-    ``sqrt(sum ||y' - y||^2 / sum ||y||^2)`` over every float output, padding rows (``mask_input`` 0)
-    left out where an output's leading dimensions are the mask's. One pass; one batch held at a time.
-    """
-    ref_session = make_session(reference, "CPUExecutionProvider", threads)
-    sessions = {name: make_session(m, "CPUExecutionProvider", threads) for name, m in candidates.items()}
-    num = dict.fromkeys(candidates, 0.0)
-    den = 0.0
-    for batch in feeds_batches:
-        feeds = {k: np.asarray(v) for k, v in batch.items()}
-        mask = np.asarray(feeds[mask_input]) != 0 if mask_input in feeds else None
-        ref = ref_session.run(None, feeds)
-        outs = {name: s.run(None, feeds) for name, s in sessions.items()}
-        for i, y in enumerate(ref):
-            y = np.asarray(y)
-            if not np.issubdtype(y.dtype, np.floating):
-                continue
-            keep = mask is not None and y.shape[:mask.ndim] == mask.shape
-            y64 = y[mask] if keep else y
-            den += float(np.sum(np.square(y64, dtype=np.float64)))
-            for name, out in outs.items():
-                o = np.asarray(out[i])
-                diff = (o[mask] if keep else o).astype(np.float64) - y64
-                num[name] += float(np.sum(diff * diff))
-    return {name: float(np.sqrt(n / den)) if den > 0 else 0.0 for name, n in num.items()}

@@ -1,0 +1,273 @@
+"""One budget, every layer's rank: the search behind ``--target`` and ``--allocator``.
+
+The math lives in :mod:`onnxlr.allocation` (plain numpy on level tables); this module builds the
+tables for a model's factorizable MatMul/Gemm layers and runs the allocators on them:
+
+1. **Levels.** Each weight offers an even grid of ranks below its break-even rank, then "dense"
+   (:func:`allocation.rank_levels`). A level costs ``r (k + n)`` parameters (``k n`` dense), times a
+   per-parameter unit (bytes per value, rows multiplied per run) — or, for a latency budget, the
+   milliseconds ONNX Runtime takes for the layer at that rank (``runtimes.latency_table``).
+2. **Errors.** *Calibrated*: the tail of the method's spectrum beyond the rank — for ``whitened`` the
+   layer's output error on the calibration data, from statistics alone. *End to end*: the divergence of
+   the model output when only that layer is truncated, measured on a few calibration batches at a
+   sample of its levels and interpolated between them through the calibrated error (errors compound
+   through the network; a layer's own output error does not say how much the model output notices).
+3. **Allocators.** ``uniform`` (each layer the same share of its cost), ``greedy`` (one threshold on
+   the end-to-end curves, AIMET), ``knapsack`` (least summed end-to-end error, dynamic programming),
+   ``evolutionary`` (EvoPress: level-switch mutations, multi-stage selection, end-to-end fitness,
+   started from the better of uniform and knapsack), ``auto`` (uniform, knapsack on end-to-end errors
+   and knapsack on calibrated errors, the one with the smallest end-to-end divergence on the
+   calibration data kept). Candidates are scored with :class:`runtimes.swap.SwapRunner`: one ORT
+   session whose weights are inputs, so no candidate rebuilds a model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from onnxlr import allocation
+from onnxlr.errors import OnnxlrError
+from onnxlr.runtimes.swap import SwapRunner
+
+ALLOCATORS = ("auto", "uniform", "greedy", "knapsack", "evolutionary")
+# Ranks offered per layer: every rank up to this many (an even grid beyond) when costs are linear in
+# the rank; this many when each level must be timed. An evolutionary mutation moves a layer down
+# 1/COARSE_LEVELS of its grid.
+FINE_LEVELS = 512
+COARSE_LEVELS = 32
+SENSITIVITY_LEVELS = 5
+# Share of the calibration batches the per-layer sensitivities are measured on.
+SENSITIVITY_SHARE = 0.25
+
+
+@dataclass
+class LevelTable:
+    """Per searched weight (``keys``, (weight name, transposed)): ranks per level (0 = dense, the
+    last), cost per level in budget units, calibrated error per level (squared spectrum tail)."""
+
+    keys: list[tuple[str, bool]]
+    shapes: list[tuple[int, int]]
+    ranks: list[np.ndarray]
+    costs: list[np.ndarray]
+    calibrated: list[np.ndarray]
+    end_to_end: list[np.ndarray] | None = None
+    measured_levels: int = 0  # (layer, level) pairs whose end-to-end divergence was measured
+
+    def ranks_of(self, picks: Sequence[int]) -> dict[tuple[str, bool], int]:
+        return {key: int(r[j]) for key, r, j in zip(self.keys, self.ranks, picks)}
+
+
+def level_table(layers, decompositions: Mapping, unit_costs: Mapping[str, float] | None = None, *,
+                levels: int | None = None, cost_of: Callable[[Any, np.ndarray], np.ndarray] | None = None) -> LevelTable:
+    """The level table of ``layers`` (one entry per weight). ``decompositions``: from
+    ``FactorizeMatMul.decompositions``. Costs are parameters times ``unit_costs[weight name]``
+    (default 1), or ``cost_of(layer, ranks)`` when given (e.g. measured milliseconds). ``levels``:
+    ranks per layer (default FINE_LEVELS, or COARSE_LEVELS with ``cost_of``)."""
+    unit = dict(unit_costs or {})
+    levels = levels or (COARSE_LEVELS if cost_of is not None else FINE_LEVELS)
+    table = LevelTable([], [], [], [], [])
+    for layer in layers:
+        key = (layer.weight.name, layer.transposed)
+        if key in table.keys:
+            continue
+        k, n = layer.W.shape
+        ranks = allocation.rank_levels(k, n, levels)
+        if cost_of is not None:
+            cost = np.asarray(cost_of(layer, ranks), dtype=np.float64)
+        else:
+            cost = np.where(ranks > 0, ranks * (k + n), k * n) * unit.get(layer.weight.name, 1.0)
+        s = decompositions[key][2]
+        tail = np.concatenate([np.cumsum((s ** 2)[::-1])[::-1], [0.0]])  # tail[r] = sum_{i >= r} s_i^2
+        table.keys.append(key)
+        table.shapes.append((k, n))
+        table.ranks.append(ranks)
+        table.costs.append(cost.astype(np.float64))
+        table.calibrated.append(np.where(ranks > 0, tail[np.minimum(ranks, s.size)], 0.0))
+    return table
+
+
+class Candidates:
+    """Dense-equivalent weights of any level of any layer, for :class:`SwapRunner`, computed once each."""
+
+    def __init__(self, factorize, layers, decompositions: Mapping, table: LevelTable,
+                 fixed: Mapping[tuple[str, bool], int] | None = None):
+        self.factorize = factorize
+        self.fixed = dict(fixed or {})  # weights outside the search, at the rank the user gave
+        self.layer = {}
+        for layer in layers:
+            self.layer.setdefault((layer.weight.name, layer.transposed), layer)
+        self.decompositions = decompositions
+        self.table = table
+        self._memo: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def weight(self, key, rank: int):
+        if rank == 0:
+            return None, None
+        if (key, rank) not in self._memo:
+            layer = self.layer[key]
+            A, B, delta = self.factorize.factors(layer, rank, self.decompositions[key])
+            W = A @ B
+            self._memo[(key, rank)] = (W.T if layer.transposed else W, delta)
+        return self._memo[(key, rank)]
+
+    def weights(self, picks: Sequence[int]) -> dict:
+        chosen = {key: self.weight(key, rank) for key, rank in self.fixed.items()}
+        chosen.update({key: self.weight(key, int(r[j])) for key, r, j in zip(self.table.keys, self.table.ranks, picks)})
+        return chosen
+
+
+def measure_end_to_end(table: LevelTable, candidates: Candidates, runner: SwapRunner, *,
+                       samples: int = SENSITIVITY_LEVELS, share: float = SENSITIVITY_SHARE) -> None:
+    """Fill ``table.end_to_end``: per layer, the model-output divergence with only that layer truncated,
+    measured at ``samples`` evenly spread levels on the first ``share`` of the calibration batches and
+    interpolated to every level through the calibrated error (0 error -> 0 divergence)."""
+    ids = list(range(max(1, int(np.ceil(share * len(runner.batches))))))
+    table.end_to_end = []
+    for key, ranks, calibrated in zip(table.keys, table.ranks, table.calibrated):
+        compressed = np.flatnonzero(ranks > 0)
+        if compressed.size == 0:
+            table.end_to_end.append(np.zeros(ranks.size))
+            continue
+        chosen = np.unique(compressed[np.linspace(0, compressed.size - 1, min(samples, compressed.size)).round().astype(int)])
+        measured = np.array([runner.divergence({key: candidates.weight(key, int(ranks[j]))}, ids) for j in chosen])
+        table.measured_levels += chosen.size
+        x = np.concatenate([[0.0], calibrated[chosen]])
+        y = np.concatenate([[0.0], np.maximum(measured, 0.0)])
+        order = np.argsort(x)
+        # Beyond the largest measured error, extrapolate proportionally (np.interp would clamp).
+        curve = np.interp(calibrated, x[order], y[order])
+        beyond = calibrated > x.max()
+        if beyond.any() and x.max() > 0:
+            curve[beyond] = y[order][-1] * calibrated[beyond] / x.max()
+        table.end_to_end.append(curve)
+
+
+@dataclass
+class SearchResult:
+    """The allocation kept and how it was found (the report's ``allocation`` record)."""
+
+    ranks: dict[tuple[str, bool], int]
+    allocator: str
+    divergence: dict[str, float] = field(default_factory=dict)  # end-to-end, on the calibration data
+    seconds: float = 0.0
+    batch_runs: int = 0  # model runs over one calibration batch, sensitivities included
+    evaluations: int = 0  # candidate allocations scored end to end
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    search: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return {"allocator": self.allocator, "calib_divergence": self.divergence,
+                "search_seconds": round(self.seconds, 2), "batch_runs": self.batch_runs,
+                "evaluations": self.evaluations, "layers": self.layers, **self.search}
+
+
+def search(table: LevelTable, budget: float, allocator: str, candidates: Candidates, runner: SwapRunner | None, *,
+           seed: int = 0, generations: int = 40, progress: bool | None = None) -> SearchResult:
+    """Run ``allocator`` on ``table`` within ``budget`` (see the module docstring)."""
+    if allocator not in ALLOCATORS:
+        raise OnnxlrError(f"unknown allocator {allocator!r} (choose from {', '.join(ALLOCATORS)})")
+    started = time.perf_counter()
+    runs_before = runner.evaluations if runner is not None else 0
+    cheapest = allocation.total_cost(table.costs, [int(np.argmin(c)) for c in table.costs])
+    if cheapest > budget:
+        raise OnnxlrError(f"the budget is out of reach: even the smallest rank of every layer costs "
+                          f"{cheapest:,.4g} against {budget:,.4g} left to the factorizable layers")
+    if allocator != "uniform" and runner is not None and table.end_to_end is None:
+        measure_end_to_end(table, candidates, runner)
+    # Without calibration data there is nothing end to end to judge by: the calibrated (here: weight)
+    # errors drive the knapsack and greedy, and auto means the knapsack.
+    errors = table.end_to_end if table.end_to_end is not None else table.calibrated
+    options: dict[str, list[int]] = {}
+    if allocator in ("uniform", "evolutionary") or (allocator == "auto" and runner is not None):
+        options["uniform"] = allocation.uniform(table.costs, budget)
+    if allocator in ("knapsack", "evolutionary", "auto"):
+        options["knapsack"] = allocation.knapsack(table.costs, errors, budget)
+    if allocator == "auto" and runner is not None:
+        options["knapsack (calibrated errors)"] = allocation.knapsack(table.costs, table.calibrated, budget)
+    if allocator == "greedy":
+        options["greedy"] = allocation.greedy(table.costs, errors, budget)
+    divergence: dict[str, float] = {}
+    if runner is not None:
+        divergence = {name: runner.divergence(candidates.weights(p)) for name, p in options.items()}
+    evaluations = len(divergence)
+    extra: dict[str, Any] = {}
+    if allocator == "evolutionary":
+        start_name = min(divergence, key=divergence.get)
+        picks, log = allocation.evolutionary(
+            table.costs, budget, lambda p, ids: runner.divergence(candidates.weights(p), ids),
+            options[start_name], len(runner.batches), generations=generations, seed=seed, progress=progress,
+            steps=[max(1, round(len(c) / COARSE_LEVELS)) for c in table.costs])
+        evaluations += log.evaluations
+        # Spend what the last mutations left of the budget (each move only raises a rank).
+        picks = allocation.fill(table.costs, errors, picks, budget)
+        kept = "evolutionary"
+        divergence["evolutionary"] = log.best[-1] if log.best else divergence[start_name]
+        extra = {"started_from": start_name, "generations": log.generations, "stopped_early": log.stopped_early,
+                 "seed": seed, "fitness_by_generation": [round(b, 6) for b in log.best]}
+    else:
+        kept = min(divergence, key=divergence.get) if divergence else next(iter(options))
+        picks = options[kept]
+    result = SearchResult(table.ranks_of(picks), kept, {k: round(v, 6) for k, v in divergence.items()},
+                          seconds=time.perf_counter() - started,
+                          batch_runs=(runner.evaluations - runs_before) if runner is not None else 0,
+                          evaluations=evaluations, search=extra)
+    result.search["budget"] = round(float(budget), 4)
+    result.search["cost"] = round(allocation.total_cost(table.costs, picks), 4)
+    result.search["measured_levels"] = table.measured_levels
+    for key, ranks, costs, cal, j, l in zip(table.keys, table.ranks, table.costs, table.calibrated, picks,
+                                            range(len(picks))):
+        row = {"weight": key[0], "rank": int(ranks[j]), "level": int(j), "levels": int(len(ranks)),
+               "cost": round(float(costs[j]), 4), "calib_error": float(cal[j])}
+        if table.end_to_end is not None:
+            row["predicted_divergence"] = float(table.end_to_end[l][j])
+        result.layers.append(row)
+    return result
+
+
+def latency_costs(model, layers, share: float, *, provider: str, threads: int, dims: Mapping[str, int] | None,
+                  table=None) -> tuple[float, Callable]:
+    """For ``--target latency=share``: the milliseconds left to the factorizable layers and
+    ``cost_of(layer, ranks) -> ms per level`` from the measured lookup table
+    (:class:`runtimes.latency_table.LatencyTable`). The whole model is timed once on ``provider``
+    (synthetic inputs at ``dims``); everything but the factorizable layers is taken to keep its time,
+    so the layers get ``share * whole - (whole - their dense sum)``."""
+    from onnxlr.macs import count_macs
+    from onnxlr.runtimes.feeds import synthetic_feeds
+    from onnxlr.runtimes.latency import measure
+    from onnxlr.runtimes.latency_table import LatencyTable
+    from onnxlr.runtimes.providers import make_session
+
+    macs = count_macs(model, dims).per_node
+    rows: dict[tuple[str, bool], float] = {}
+    for layer in layers:
+        if layer.node.name not in macs:
+            raise OnnxlrError(f"cannot time {layer.node.name!r} for a latency target: its shapes stay unknown; "
+                              f"set the model's symbolic dimensions with --dim NAME=VALUE")
+        key = (layer.weight.name, layer.transposed)
+        rows[key] = rows.get(key, 0.0) + macs[layer.node.name] / layer.W.size
+    table = table or LatencyTable(provider=provider, threads=threads)
+
+    def cost_of(layer, ranks: np.ndarray) -> np.ndarray:
+        k, n = layer.W.shape
+        dense, factorized = table.layer_costs(max(1, int(round(rows[(layer.weight.name, layer.transposed)]))), k, n,
+                                              [int(r) for r in ranks if r > 0])
+        out, it = [], iter(factorized)
+        for r in ranks:
+            out.append(dense if r == 0 else float(next(it)))
+        return np.asarray(out)
+
+    session = make_session(model.SerializeToString(), provider, threads)
+    whole = measure({"model": session}, synthetic_feeds(model, dict(dims or {})), warmup=3, repeats=30)["model"].median_ms
+    dense_sum = 0.0
+    for key in rows:
+        layer = next(l for l in layers if (l.weight.name, l.transposed) == key)
+        dense_sum += float(cost_of(layer, np.array([0]))[0])
+    budget = share * whole - max(whole - dense_sum, 0.0)
+    if budget <= 0:
+        raise OnnxlrError(f"--target latency={share:g} is out of reach: the model takes {whole:.3g} ms on {provider}, "
+                          f"{max(whole - dense_sum, 0):.3g} ms of it outside its factorizable MatMul/Gemm layers")
+    return budget, cost_of
