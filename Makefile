@@ -25,6 +25,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/plain_svd.py --write docs/benchmarks.md
 	$(PY) bench/calibrated.py --write docs/benchmarks.md
 	$(PY) bench/allocation_costs.py --write docs/benchmarks.md
+	$(PY) bench/allocators.py --write docs/benchmarks.md --plot docs/allocators.png
 	$(PY) bench/conv.py --write docs/benchmarks.md
 	$(PY) bench/quantize.py --write docs/benchmarks.md
 

@@ -212,8 +212,8 @@ class SearchLog:
 
 
 def evolutionary(costs: Sequence[np.ndarray], budget: float, fitness: Callable[[tuple[int, ...], Sequence[int]], float],
-                 start: Sequence[int], n_batches: int, *, generations: int = 40, offspring: int = 16,
-                 stages: Sequence[tuple[int, float]] = ((4, 0.25), (1, 1.0)), max_mutations: int = 3,
+                 start: Sequence[int], n_batches: int, *, generations: int = 30, offspring: int = 8,
+                 stages: Sequence[tuple[int, float]] = ((2, 0.25), (1, 1.0)), max_mutations: int = 3,
                  steps: Sequence[int] | None = None, patience: int = 8, seed: int = 0,
                  progress: bool | None = None) -> tuple[list[int], SearchLog]:
     """EvoPress-style search over per-layer options under a budget.

@@ -280,19 +280,15 @@ SEARCH_BATCH_SIZE = 32
 SEARCH_DIVERGENCE = {"cosine": "cosine", "kl": "kl", "top1": "kl"}
 
 
-def choose_allocation(model: onnx.ModelProto, config: FactorizeMatMulConfig, stats, sensitivity,
-                      calib: CalibLike, *, allocator: str = "auto", divergence: str = "rel_l2",
-                      samples: int | None = None, threads: int | None = None, cache: dict | None = None,
-                      cost_of=None, seed: int = 0, generations: int = 40) -> dict[str, Any]:
-    """Ranks for ``config.param_budget`` (in the units of ``config.unit_costs``, or of ``cost_of``:
-    ``(layer, ranks) -> cost per rank``, 0 = dense) chosen by ``allocator`` (:mod:`onnxlr.budget`),
-    candidates scored end to end on ``calib`` with ``divergence``. Layers with a rank in
-    ``config.ranks`` keep it; their cost comes off the budget. Returns ``{"ranks": {weight name:
-    rank, 0 = dense}, "allocator": the one kept, "record": the report's record of the search}``.
-    ``cache``: see ``FactorizeMatMul`` (pass the same dict to the final pass to reuse the
-    decompositions)."""
-    if calib is None and allocator == "evolutionary":
-        raise OnnxlrError("the evolutionary allocator scores candidates end to end: it needs --calib")
+def search_space(model: onnx.ModelProto, config: FactorizeMatMulConfig, stats, sensitivity, calib: CalibLike, *,
+                 divergence: str = "rel_l2", samples: int | None = None, threads: int | None = None,
+                 cache: dict | None = None, cost_of=None) -> budget_search.SearchSpace:
+    """What every allocator of :mod:`onnxlr.budget` searches over for ``model``'s factorizable layers:
+    their level table (costs in the units of ``config.unit_costs``, or of ``cost_of``: ``(layer,
+    ranks) -> cost per rank``, 0 = dense), their candidate weights, and — with ``calib`` — one ORT
+    session scoring candidates end to end with ``divergence``. Layers with a rank in ``config.ranks``
+    keep it; their cost is ``space.spent``. ``cache``: see ``FactorizeMatMul`` (pass the same dict to
+    the final pass to reuse the decompositions). Budget-independent: one space serves many budgets."""
     cache = {} if cache is None else cache
     layers, _ = find_layers(import_graph(model))
     factorize = FactorizeMatMul(dataclasses.replace(config, param_budget=None), stats, sensitivity, cache=cache)
@@ -316,12 +312,22 @@ def choose_allocation(model: onnx.ModelProto, config: FactorizeMatMulConfig, sta
                                           fixed={key: rank for key, (_, rank) in given.items()})
     runner = None
     if calib is not None:
-        if isinstance(calib, Iterator):
-            calib = list(calib)
         batches = list(calibration_batches(calib, model, samples=samples, batch_size=SEARCH_BATCH_SIZE))
         runner = SwapRunner(model, layers, batches, divergence=divergence, threads=threads or default_threads())
-    result = budget_search.search(table, config.param_budget - spent, allocator, candidates, runner,
-                                  seed=seed, generations=generations)
+    return budget_search.SearchSpace(table, candidates, runner, spent)
+
+
+def choose_allocation(model: onnx.ModelProto, config: FactorizeMatMulConfig, stats, sensitivity,
+                      calib: CalibLike, *, allocator: str = "auto", seed: int = 0, **space_options) -> dict[str, Any]:
+    """Ranks for ``config.param_budget`` chosen by ``allocator`` over :func:`search_space` (its
+    options). Returns ``{"ranks": {weight name: rank, 0 = dense}, "allocator": the one kept,
+    "record": the report's record of the search}``."""
+    if calib is None and allocator == "evolutionary":
+        raise OnnxlrError("the evolutionary allocator scores candidates end to end: it needs --calib")
+    if isinstance(calib, Iterator):
+        calib = list(calib)
+    space = search_space(model, config, stats, sensitivity, calib, **space_options)
+    result = space.search(config.param_budget, allocator, seed=seed)
     return {"ranks": {key[0]: rank for key, rank in result.ranks.items()}, "allocator": result.allocator,
             "record": result.record()}
 

@@ -54,6 +54,7 @@ class LevelTable:
     ranks: list[np.ndarray]
     costs: list[np.ndarray]
     calibrated: list[np.ndarray]
+    totals: list[float] = field(default_factory=list)  # the whole squared spectrum (the error at rank 0)
     end_to_end: list[np.ndarray] | None = None
     measured_levels: int = 0  # (layer, level) pairs whose end-to-end divergence was measured
 
@@ -87,6 +88,7 @@ def level_table(layers, decompositions: Mapping, unit_costs: Mapping[str, float]
         table.ranks.append(ranks)
         table.costs.append(cost.astype(np.float64))
         table.calibrated.append(np.where(ranks > 0, tail[np.minimum(ranks, s.size)], 0.0))
+        table.totals.append(float(tail[0]))
     return table
 
 
@@ -165,8 +167,23 @@ class SearchResult:
                 "evaluations": self.evaluations, "layers": self.layers, **self.search}
 
 
+@dataclass
+class SearchSpace:
+    """A model's level table, candidate weights and end-to-end scorer (``runner``, None without
+    calibration data); ``spent``: the budget the layers outside the search (user-given ranks) take."""
+
+    table: LevelTable
+    candidates: Candidates
+    runner: SwapRunner | None
+    spent: float = 0.0
+
+    def search(self, budget: float, allocator: str, **options) -> SearchResult:
+        """:func:`search` within ``budget`` for the whole of the factorizable layers."""
+        return search(self.table, budget - self.spent, allocator, self.candidates, self.runner, **options)
+
+
 def search(table: LevelTable, budget: float, allocator: str, candidates: Candidates, runner: SwapRunner | None, *,
-           seed: int = 0, generations: int = 40, progress: bool | None = None) -> SearchResult:
+           seed: int = 0, generations: int = 30, progress: bool | None = None) -> SearchResult:
     """Run ``allocator`` on ``table`` within ``budget`` (see the module docstring)."""
     if allocator not in ALLOCATORS:
         raise OnnxlrError(f"unknown allocator {allocator!r} (choose from {', '.join(ALLOCATORS)})")
@@ -215,13 +232,16 @@ def search(table: LevelTable, budget: float, allocator: str, candidates: Candida
                           seconds=time.perf_counter() - started,
                           batch_runs=(runner.evaluations - runs_before) if runner is not None else 0,
                           evaluations=evaluations, search=extra)
-    result.search["budget"] = round(float(budget), 4)
-    result.search["cost"] = round(allocation.total_cost(table.costs, picks), 4)
+    result.search["budget"] = float(budget)
+    result.search["cost"] = allocation.total_cost(table.costs, picks)
     result.search["measured_levels"] = table.measured_levels
-    for key, ranks, costs, cal, j, l in zip(table.keys, table.ranks, table.costs, table.calibrated, picks,
-                                            range(len(picks))):
+    for l, (key, ranks, costs, j) in enumerate(zip(table.keys, table.ranks, table.costs, picks)):
+        # the relative error of the method's objective (for whitened: of the layer output on calib data)
+        relative = np.sqrt(table.calibrated[l][j] / table.totals[l]) if table.totals[l] > 0 else 0.0
         row = {"weight": key[0], "rank": int(ranks[j]), "level": int(j), "levels": int(len(ranks)),
-               "cost": round(float(costs[j]), 4), "calib_error": float(cal[j])}
+               "cost": float(costs[j]), "calib_error": float(relative)}
+        if j + 1 < len(ranks):
+            row["next_cost"] = float(costs[j + 1])  # what one level more would cost
         if table.end_to_end is not None:
             row["predicted_divergence"] = float(table.end_to_end[l][j])
         result.layers.append(row)

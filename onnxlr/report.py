@@ -91,6 +91,8 @@ class Report:
                 lines.append(f"  kept: share {record.config.get('share', 'none')}"
                              + (f" (held-out retries {record.config['held_out_retries']})"
                                 if record.config.get("held_out_retries") else ""))
+            if "allocation" in record.config:
+                lines.extend(_allocation_lines(record.config["allocation"]))
             methods = sorted({c.details.get("method", "") for c in record.rewritten} - {""})
             if methods:
                 lines.append(f"  method: {', '.join(methods)}")
@@ -192,3 +194,19 @@ def _compressed_line(change, shape: str) -> str:
     if "bytes" in d:
         parts.append(f"bytes {d['bytes']:,} -> {d['bytes_after']:,}")
     return "  ".join(parts) + _errors(d)
+
+
+def _allocation_lines(a: dict) -> list[str]:
+    """The budget search: which allocator won, on what evidence, at what cost, and each layer's level."""
+    scored = ", ".join(f"{name} {value:.4g}" for name, value in a.get("calib_divergence", {}).items())
+    lines = [f"  allocation: {a['allocator']}" + (f" (end-to-end divergence on the calibration data: {scored})"
+                                                  if scored else ""),
+             f"  budget {a['budget']:,.6g}, used {a['cost']:,.6g}; search {a['search_seconds']:.1f} s, "
+             f"{a['evaluations']} candidates scored, {a['batch_runs']} batch runs"
+             + (f", {a['generations']} generations from {a['started_from']}" if "generations" in a else "")]
+    for row in a.get("layers", []):
+        what = "dense" if row["rank"] == 0 else f"rank {row['rank']}"
+        predicted = f", predicted divergence {row['predicted_divergence']:.3g}" if "predicted_divergence" in row else ""
+        lines.append(f"    {row['weight']:<40} level {row['level'] + 1}/{row['levels']} {what:<9} "
+                     f"cost {row['cost']:,.6g}, calibrated error {row['calib_error']:.3g}{predicted}")
+    return lines
