@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxlr import budget as budget_search
+from onnxlr import rank_search
 from onnxlr.api import calibration_stats, layer_budget, search_space
 from onnxlr.graph import count_parameters, import_graph
 from onnxlr.io import load_model
@@ -57,7 +57,7 @@ def run_model(name, model, calib, score, time_feeds, shares, repeats):
     setup = time.perf_counter() - started
     started = time.perf_counter()
     runs = space.runner.evaluations
-    budget_search.measure_end_to_end(space.table, space.candidates, space.runner)
+    rank_search.measure_end_to_end(space.table, space.candidates, space.runner)
     sensitivity = (time.perf_counter() - started, space.runner.evaluations - runs, space.table.measured_levels)
     rows, points = [], []
     total = count_parameters(model)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxlr import budget as budget_search
+from onnxlr import rank_search
 from onnxlr import io, linalg, prequantized
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import count_parameters, import_graph, truncated
@@ -282,8 +282,8 @@ SEARCH_DIVERGENCE = {"cosine": "cosine", "kl": "kl", "top1": "kl"}
 
 def search_space(model: onnx.ModelProto, config: FactorizeMatMulConfig, stats, sensitivity, calib: CalibLike, *,
                  divergence: str = "rel_l2", samples: int | None = None, threads: int | None = None,
-                 cache: dict | None = None, cost_of=None) -> budget_search.SearchSpace:
-    """What every allocator of :mod:`onnxlr.budget` searches over for ``model``'s factorizable layers:
+                 cache: dict | None = None, cost_of=None) -> rank_search.SearchSpace:
+    """What every allocator of :mod:`onnxlr.rank_search` searches over for ``model``'s factorizable layers:
     their level table (costs in the units of ``config.unit_costs``, or of ``cost_of``: ``(layer,
     ranks) -> cost per rank``, 0 = dense), their candidate weights, and — with ``calib`` — one ORT
     session scoring candidates end to end with ``divergence``. Layers with a rank in ``config.ranks``
@@ -300,7 +300,7 @@ def search_space(model: onnx.ModelProto, config: FactorizeMatMulConfig, stats, s
             given[(layer.weight.name, layer.transposed)] = (
                 layer, rank if linalg.saves_parameters(*layer.W.shape, rank) else 0)
     searched = [layer for layer in layers if (layer.weight.name, layer.transposed) not in given]
-    table = budget_search.level_table(searched, decompositions, config.unit_costs, cost_of=cost_of)
+    table = rank_search.level_table(searched, decompositions, config.unit_costs, cost_of=cost_of)
     spent = 0.0  # what the layers with a user-given rank take of the budget
     for layer, rank in given.values():
         k, n = layer.W.shape
@@ -308,28 +308,30 @@ def search_space(model: onnx.ModelProto, config: FactorizeMatMulConfig, stats, s
             spent += float(cost_of(layer, np.array([rank]))[0])
         else:
             spent += (rank * (k + n) if rank else k * n) * (config.unit_costs or {}).get(layer.weight.name, 1.0)
-    candidates = budget_search.Candidates(factorize, layers, decompositions, table,
+    candidates = rank_search.Candidates(factorize, layers, decompositions, table,
                                           fixed={key: rank for key, (_, rank) in given.items()})
     runner = None
     if calib is not None:
         batches = list(calibration_batches(calib, model, samples=samples, batch_size=SEARCH_BATCH_SIZE))
         runner = SwapRunner(model, layers, batches, divergence=divergence, threads=threads or default_threads())
-    return budget_search.SearchSpace(table, candidates, runner, spent)
+    return rank_search.SearchSpace(table, candidates, runner, spent)
 
 
 def choose_allocation(model: onnx.ModelProto, config: FactorizeMatMulConfig, stats, sensitivity,
-                      calib: CalibLike, *, allocator: str = "auto", seed: int = 0, **space_options) -> dict[str, Any]:
-    """Ranks for ``config.param_budget`` chosen by ``allocator`` over :func:`search_space` (its
-    options). Returns ``{"ranks": {weight name: rank, 0 = dense}, "allocator": the one kept,
-    "record": the report's record of the search}``."""
+                      calib: CalibLike, *, allocator: str = "auto", seed: int = 0,
+                      space: rank_search.SearchSpace | None = None, **space_options) -> dict[str, Any]:
+    """Ranks for ``config.param_budget`` chosen by ``allocator`` over ``space`` (built by
+    :func:`search_space` with ``space_options`` when not given). Returns ``{"ranks": {weight name:
+    rank, 0 = dense}, "allocator": the one kept, "record": the report's record of the search,
+    "space": the space searched}``."""
     if calib is None and allocator == "evolutionary":
         raise OnnxlrError("the evolutionary allocator scores candidates end to end: it needs --calib")
     if isinstance(calib, Iterator):
         calib = list(calib)
-    space = search_space(model, config, stats, sensitivity, calib, **space_options)
+    space = space or search_space(model, config, stats, sensitivity, calib, **space_options)
     result = space.search(config.param_budget, allocator, seed=seed)
     return {"ranks": {key[0]: rank for key, rank in result.ranks.items()}, "allocator": result.allocator,
-            "record": result.record()}
+            "record": result.record(), "space": space}
 
 
 def output_sensitivities(model: onnx.ModelProto, calib: CalibLike, *, samples: int = SENSITIVITY_SAMPLES,
@@ -361,7 +363,7 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
                               "with --embeddings")
         kind, share = parse_target(target)
         if kind == "latency":
-            param_budget, cost_of = budget_search.latency_costs(
+            param_budget, cost_of = rank_search.latency_costs(
                 work, find_layers(work_graph)[0], share, provider=parse_providers(providers)[0],
                 threads=threads or default_threads(), dims=dims)
         else:
@@ -408,10 +410,14 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
         sensitivity = memo["sensitivity"]
     allocation, cache = None, memo.setdefault("factorize_cache", {})
     if param_budget is not None:
-        # The allocators of onnxlr.budget, candidates judged end to end on the calibration data.
-        allocation = choose_allocation(work, config, stats, sensitivity, calib, allocator=allocator,
-                                       divergence=divergence, samples=calib_samples, threads=threads,
-                                       cache=cache, cost_of=cost_of, seed=seed)
+        # The allocators of onnxlr.rank_search, candidates judged end to end on the calibration data.
+        # One search space per budget kind, kept in the memo: the lossless search tries many budgets.
+        spaces = memo.setdefault("search_spaces", {})
+        kind = parse_target(target)[0]
+        allocation = choose_allocation(work, config, stats, sensitivity, calib, allocator=allocator, seed=seed,
+                                       space=spaces.get(kind), divergence=divergence, samples=calib_samples,
+                                       threads=threads, cache=cache, cost_of=cost_of)
+        spaces[kind] = allocation["space"]
         config = dataclasses.replace(config, param_budget=None, ranks={**allocation["ranks"], **config.ranks})
     if sequential:
         collect = paired_collector(work, calib, samples=calib_samples, batch_size=batch_size, threads=threads)
@@ -570,7 +576,7 @@ def optimize(
         ``max_error`` on the calibration data, found by bisection, :func:`lossless_target`); the ranks of the
         factorizable layers are allocated to fit (``onnxlr.allocation``: least summed truncation error
         of the method's spectrum, some layers possibly left dense). Excludes ``rank_ratio``/``energy``.
-    allocator : how ``target`` spreads the budget over the layers (:mod:`onnxlr.budget`): ``uniform``,
+    allocator : how ``target`` spreads the budget over the layers (:mod:`onnxlr.rank_search`): ``uniform``,
         ``greedy``, ``knapsack``, ``evolutionary`` (needs ``calib``; seeded by ``seed``) or ``auto``
         (default: uniform and two knapsacks, the best end to end on ``calib`` kept). Candidates are
         scored by the divergence matching ``max_error``'s metric (cosine gap, KL of softmax for
@@ -608,8 +614,8 @@ def optimize(
     (optimized ModelProto, Report)
     """
     recipe_ = get_recipe(recipe)
-    if allocator not in budget_search.ALLOCATORS:
-        raise OnnxlrError(f"unknown allocator {allocator!r} (choose from {', '.join(budget_search.ALLOCATORS)})")
+    if allocator not in rank_search.ALLOCATORS:
+        raise OnnxlrError(f"unknown allocator {allocator!r} (choose from {', '.join(rank_search.ALLOCATORS)})")
     if allocator != "auto" and target is None:
         raise OnnxlrError("--allocator spreads a --target budget over the layers: give --target too")
     factorize_options = {"method": method, "rank_ratio": rank_ratio, "energy": energy, "ranks": ranks or None,

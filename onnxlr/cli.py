@@ -84,7 +84,7 @@ def _add_rank_options(p: argparse.ArgumentParser) -> None:
                            "allocated across layers by --allocator (some layers may stay dense); lossless: "
                            "the smallest parameter share that still meets --max-error on the --calib data "
                            "(bisection), confirmed on --inputs")
-    p.add_argument("--allocator", choices=api.budget_search.ALLOCATORS, default="auto",
+    p.add_argument("--allocator", choices=api.rank_search.ALLOCATORS, default="auto",
                    help="how --target spreads its budget: uniform, greedy (one threshold on end-to-end "
                         "sensitivity curves), knapsack (least summed end-to-end error), evolutionary "
                         "(EvoPress-style search scored end to end on --calib), auto (default: the best of "

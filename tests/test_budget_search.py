@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxlr
-from onnxlr import budget as budget_search
+from onnxlr import rank_search
 from onnxlr.api import calibration_stats
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import count_parameters, import_graph
@@ -35,8 +35,8 @@ def test_swapped_weights_reproduce_the_rewritten_model(mlp_proto):
     config = FactorizeMatMulConfig(method="whitened", ranks={"fc1": 3, "fc2": 5})
     factorize = FactorizeMatMul(config, stats)
     built = PassManager([FactorizeMatMul(config, stats)]).run(mlp_proto)[0]
-    table = budget_search.level_table(layers, factorize.decompositions(layers))
-    candidates = budget_search.Candidates(factorize, layers, factorize.decompositions(layers), table)
+    table = rank_search.level_table(layers, factorize.decompositions(layers))
+    candidates = rank_search.Candidates(factorize, layers, factorize.decompositions(layers), table)
     runner = SwapRunner(mlp_proto, layers, calib)
     weights = {key: candidates.weight(key, rank) for key, rank in ((("W1", False), 3), (("W2", True), 5))}
     got = runner.outputs(weights, 0)[0]
@@ -176,3 +176,22 @@ def test_kl_and_top1_tolerances():
     assert onnxlr.api.parse_tolerance("top1=0.99").holds(same)
     assert not onnxlr.api.parse_tolerance("top1=0.99").holds(flipped)
     assert not onnxlr.api.parse_tolerance("kl=0.1").holds(flipped)
+
+
+def test_cli_allocator_writes_the_search_into_the_report(mlp_path, tmp_path, capsys):
+    import json
+
+    from onnxlr.cli import main
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=correlated_inputs(96, seed=5))
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    assert main(["optimize", str(mlp_path), "-o", str(out), "--calib", str(calib), "--target", "params=0.6",
+                 "--allocator", "evolutionary", "--seed", "1", "--repeats", "2", "--report", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "allocation: evolutionary" in text and "level " in text
+    allocation = json.loads(report.read_text())["passes"][-1]["config"]["allocation"]
+    assert allocation["seed"] == 1 and len(allocation["layers"]) == 2
+    assert main(["optimize", str(mlp_path), "-o", str(tmp_path / "x.onnx"), "--calib", str(calib),
+                 "--rank-ratio", "0.5", "--allocator", "knapsack"]) == 2
+    assert "give --target" in capsys.readouterr().err

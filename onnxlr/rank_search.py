@@ -219,10 +219,15 @@ def search(table: LevelTable, budget: float, allocator: str, candidates: Candida
             options[start_name], len(runner.batches), generations=generations, seed=seed, progress=progress,
             steps=[max(1, round(len(c) / COARSE_LEVELS)) for c in table.costs])
         evaluations += log.evaluations
-        # Spend what the last mutations left of the budget (each move only raises a rank).
-        picks = allocation.fill(table.costs, errors, picks, budget)
+        best = log.best[-1] if log.best else divergence[start_name]
+        # Spend what the last mutations left of the budget (each move only raises a rank): the budget
+        # is met within one level, as by the other allocators.
+        filled = allocation.fill(table.costs, errors, picks, budget)
+        if filled != picks:
+            evaluations += 1
+            picks, best = filled, runner.divergence(candidates.weights(filled))
         kept = "evolutionary"
-        divergence["evolutionary"] = log.best[-1] if log.best else divergence[start_name]
+        divergence["evolutionary"] = best
         extra = {"started_from": start_name, "generations": log.generations, "stopped_early": log.stopped_early,
                  "seed": seed, "fitness_by_generation": [round(b, 6) for b in log.best]}
     else:
