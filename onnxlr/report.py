@@ -204,6 +204,9 @@ def _allocation_lines(a: dict) -> list[str]:
              f"  budget {a['budget']:,.6g}, used {a['cost']:,.6g}; search {a['search_seconds']:.1f} s, "
              f"{a['evaluations']} candidates scored, {a['batch_runs']} batch runs"
              + (f", {a['generations']} generations from {a['started_from']}" if "generations" in a else "")]
+    if a.get("evolved_kept") is False:
+        lines.append(f"  the evolved allocation did worse than {a['started_from']} on the {a['check_batches']} "
+                     f"held-back calibration batches: {a['started_from']} kept")
     for row in a.get("layers", []):
         what = "dense" if row["rank"] == 0 else f"rank {row['rank']}"
         predicted = f", predicted divergence {row['predicted_divergence']:.3g}" if "predicted_divergence" in row else ""
