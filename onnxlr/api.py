@@ -442,6 +442,33 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
     return optimized, records
 
 
+# A latency target is re-measured on the whole model; when missed, the search's share is lowered by the
+# miss and the model rebuilt, at most this many times.
+LATENCY_RETRIES = 2
+
+
+def _meet_latency(work, optimized, report, build, share: float, *, provider: str, threads, dims):
+    """Time the result against ``work`` (interleaved, whole model, synthetic inputs at ``dims``): the
+    per-layer lookup table misses what the layers' neighbours and ORT's fusions do, so a missed target
+    is searched again with the share lowered by the miss. The record lists every check."""
+    asked, checks = share, []
+    for attempt in range(LATENCY_RETRIES + 1):
+        ratio = rank_search.latency_ratio(work, optimized, provider=provider, threads=threads or default_threads(),
+                                          dims=dims)
+        checks.append({"share_searched": round(share, 4), "measured_ratio": round(ratio, 4)})
+        if ratio <= asked or attempt == LATENCY_RETRIES or share - (ratio - asked) <= 0:
+            break
+        share -= ratio - asked
+        try:
+            optimized, report = build(f"latency={share:.4f}")
+        except OnnxlrError:  # the lowered budget is out of reach: the last result stands
+            break
+    record = report.pass_named("factorize_matmul").config["allocation"]
+    record["latency_checks"] = checks
+    record["latency_met"] = checks[-1]["measured_ratio"] <= asked
+    return optimized, report
+
+
 LOSSLESS_MAX_SHARE = 0.99
 LOSSLESS_STEPS = 6
 LOSSLESS_RETRIES = 3
@@ -682,6 +709,9 @@ def optimize(
         return optimized, report
 
     optimized, report = build(target)
+    if recipe_.factorize and target not in (None, "lossless") and parse_target(target)[0] == "latency":
+        optimized, report = _meet_latency(work, optimized, report, build, parse_target(target)[1],
+                                          provider=parse_providers(providers)[0], threads=threads, dims=dims)
     # A lossless share found on the calibration data must also hold on the held-out inputs: step back
     # towards the dense model (half the remaining distance each time) until it does.
     for _ in range(LOSSLESS_RETRIES if search else 0):

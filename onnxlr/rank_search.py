@@ -293,7 +293,8 @@ def latency_costs(model, layers, share: float, *, provider: str, threads: int, d
         return np.asarray(out)
 
     session = make_session(model.SerializeToString(), provider, threads)
-    whole = measure({"model": session}, synthetic_feeds(model, dict(dims or {})), warmup=3, repeats=30)["model"].median_ms
+    whole = measure({"model": session}, synthetic_feeds(model, dict(dims or {})), warmup=3,
+                    repeats=LATENCY_REPEATS)["model"].median_ms
     dense_sum = 0.0
     for key in rows:
         layer = next(l for l in layers if (l.weight.name, l.transposed) == key)
@@ -303,3 +304,18 @@ def latency_costs(model, layers, share: float, *, provider: str, threads: int, d
         raise OnnxlrError(f"--target latency={share:g} is out of reach: the model takes {whole:.3g} ms on {provider}, "
                           f"{max(whole - dense_sum, 0):.3g} ms of it outside its factorizable MatMul/Gemm layers")
     return budget, cost_of
+
+
+LATENCY_REPEATS = 30
+
+
+def latency_ratio(original, optimized, *, provider: str, threads: int, dims: Mapping[str, int] | None) -> float:
+    """Median latency of ``optimized`` over ``original``'s, timed interleaved on synthetic inputs at ``dims``."""
+    from onnxlr.runtimes.feeds import synthetic_feeds
+    from onnxlr.runtimes.latency import measure
+    from onnxlr.runtimes.providers import make_session
+
+    sessions = {name: make_session(m.SerializeToString(), provider, threads)
+                for name, m in (("original", original), ("optimized", optimized))}
+    found = measure(sessions, synthetic_feeds(original, dict(dims or {})), warmup=3, repeats=LATENCY_REPEATS)
+    return found["optimized"].median_ms / found["original"].median_ms
