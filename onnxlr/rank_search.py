@@ -24,6 +24,7 @@ tables for a model's factorizable MatMul/Gemm layers and runs the allocators on 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -42,6 +43,8 @@ COARSE_LEVELS = 32
 SENSITIVITY_LEVELS = 5
 # Share of the calibration batches the per-layer sensitivities are measured on.
 SENSITIVITY_SHARE = 0.25
+# Candidate weights kept in memory between evaluations.
+MEMO_BYTES = 256 * 2 ** 20
 
 
 @dataclass
@@ -104,17 +107,28 @@ class Candidates:
             self.layer.setdefault((layer.weight.name, layer.transposed), layer)
         self.decompositions = decompositions
         self.table = table
-        self._memo: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}
+        # Recently used weights, least recently used dropped past MEMO_BYTES (a search visits thousands).
+        self._memo: OrderedDict[tuple, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
+        self._bytes = 0
 
     def weight(self, key, rank: int):
+        """``(W, bias)`` of layer ``key`` at ``rank`` as stored (``W.T`` for Gemm transB), (None, None)
+        for dense."""
         if rank == 0:
             return None, None
-        if (key, rank) not in self._memo:
-            layer = self.layer[key]
-            A, B, delta = self.factorize.factors(layer, rank, self.decompositions[key])
-            W = A @ B
-            self._memo[(key, rank)] = (W.T if layer.transposed else W, delta)
-        return self._memo[(key, rank)]
+        if (key, rank) in self._memo:
+            self._memo.move_to_end((key, rank))
+            return self._memo[(key, rank)]
+        layer = self.layer[key]
+        A, B, delta = self.factorize.factors(layer, rank, self.decompositions[key])
+        W = (A @ B).astype(layer.W.dtype)
+        found = (np.ascontiguousarray(W.T if layer.transposed else W), delta)
+        self._memo[(key, rank)] = found
+        self._bytes += W.nbytes
+        while self._bytes > MEMO_BYTES and len(self._memo) > 1:
+            _, (old, _) = self._memo.popitem(last=False)
+            self._bytes -= old.nbytes
+        return found
 
     def weights(self, picks: Sequence[int]) -> dict:
         chosen = {key: self.weight(key, rank) for key, rank in self.fixed.items()}
