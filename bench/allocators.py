@@ -159,7 +159,7 @@ def plot(points_by_model: dict[str, list], path: Path) -> None:
                 ax.plot([x for x, _ in mine], [y for _, y in mine], marker="o", label=allocator)
             ax.set_xlabel(label)
             ax.set_ylabel(metric)
-            ax.set_title(f"{name}: {metric} vs {label.split(' (')[0]}")
+            ax.set_title(f"{name.split(' (')[0]}: {metric} vs {label.split(' (')[0]}", fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend()
     fig.tight_layout()
