@@ -159,9 +159,9 @@ def section(cache: Path) -> str:
         "",
         "Variants of `whitened`, all within the parameters of the uniform row of their level: `+knapsack` "
         "lets the knapsack allocator choose each layer's rank (or leave it dense) for the least summed "
-        "calibrated output error; `+target` is what `--target params=F` does — it builds the knapsack "
-        "and the uniform allocation and keeps the one with the smaller end-to-end output error on the "
-        "calibration data (the arrow says which won); `+seq` fits the layers stage by stage to the "
+        "calibrated output error; `+target` is what `--target params=F` does — its `auto` allocator "
+        "(uniform and two knapsacks, on end-to-end and on calibrated errors, judged end to end on the "
+        "calibration data; the arrow says which won, issue #6); `+seq` fits the layers stage by stage to the "
         "inputs the already-compressed layers produce (`--sequential`).",
         "",
         "### all-MiniLM-L6-v2 (calibrated on 256 sentences, evaluated on 512 others)",
