@@ -21,14 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from onnxlr import rank_search
 from onnxlr.api import calibration_stats, layer_budget, search_space
-from onnxlr.graph import count_parameters, import_graph
+from onnxlr.graph import count_parameters
 from onnxlr.io import load_model
 from onnxlr.models import metrics, minilm, mnist, text
-from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig, find_layers
+from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig
 from onnxlr.pipeline import PassManager
 from onnxlr.runtimes.latency import measure
 from onnxlr.runtimes.providers import make_session
