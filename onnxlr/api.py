@@ -301,13 +301,9 @@ def search_space(model: onnx.ModelProto, config: FactorizeMatMulConfig, stats, s
                 layer, rank if linalg.saves_parameters(*layer.W.shape, rank) else 0)
     searched = [layer for layer in layers if (layer.weight.name, layer.transposed) not in given]
     table = rank_search.level_table(searched, decompositions, config.unit_costs, cost_of=cost_of)
-    spent = 0.0  # what the layers with a user-given rank take of the budget
-    for layer, rank in given.values():
-        k, n = layer.W.shape
-        if cost_of is not None:
-            spent += float(cost_of(layer, np.array([rank]))[0])
-        else:
-            spent += (rank * (k + n) if rank else k * n) * (config.unit_costs or {}).get(layer.weight.name, 1.0)
+    # what the layers with a user-given rank take of the budget
+    spent = sum(float(rank_search.level_costs(layer, np.array([rank]), config.unit_costs, cost_of)[0])
+                for layer, rank in given.values())
     candidates = rank_search.Candidates(factorize, layers, decompositions, table,
                                           fixed={key: rank for key, (_, rank) in given.items()})
     runner = None
@@ -363,9 +359,12 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
                               "with --embeddings")
         kind, share = parse_target(target)
         if kind == "latency":
-            param_budget, cost_of = rank_search.latency_costs(
-                work, find_layers(work_graph)[0], share, provider=parse_providers(providers)[0],
-                threads=threads or default_threads(), dims=dims)
+            # Timed once per model: a missed target is searched again at another share (_meet_latency).
+            if "latency" not in memo:
+                memo["latency"] = rank_search.latency_model(work, find_layers(work_graph)[0],
+                                                            provider=parse_providers(providers)[0],
+                                                            threads=threads or default_threads(), dims=dims)
+            param_budget, cost_of = memo["latency"].budget(share), memo["latency"].cost_of
         else:
             param_budget, unit_costs = layer_budget(work, (kind, share), work_graph, dims)
     elif rank_ratio is None and energy is None and not ranks:
@@ -413,7 +412,6 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
         # The allocators of onnxlr.rank_search, candidates judged end to end on the calibration data.
         # One search space per budget kind, kept in the memo: the lossless search tries many budgets.
         spaces = memo.setdefault("search_spaces", {})
-        kind = parse_target(target)[0]
         allocation = choose_allocation(work, config, stats, sensitivity, calib, allocator=allocator, seed=seed,
                                        space=spaces.get(kind), divergence=divergence, samples=calib_samples,
                                        threads=threads, cache=cache, cost_of=cost_of)
@@ -709,8 +707,9 @@ def optimize(
         return optimized, report
 
     optimized, report = build(target)
-    if recipe_.factorize and target not in (None, "lossless") and parse_target(target)[0] == "latency":
-        optimized, report = _meet_latency(work, optimized, report, build, parse_target(target)[1],
+    target_kind, target_share = parse_target(target) if target not in (None, "lossless") else (None, None)
+    if recipe_.factorize and target_kind == "latency":
+        optimized, report = _meet_latency(work, optimized, report, build, target_share,
                                           provider=parse_providers(providers)[0], threads=threads, dims=dims)
     # A lossless share found on the calibration data must also hold on the held-out inputs: step back
     # towards the dense model (half the remaining distance each time) until it does.

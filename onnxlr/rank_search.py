@@ -32,6 +32,10 @@ import numpy as np
 
 from onnxlr import allocation
 from onnxlr.errors import OnnxlrError
+from onnxlr.macs import count_macs
+from onnxlr.runtimes import latency, latency_table
+from onnxlr.runtimes.feeds import synthetic_feeds
+from onnxlr.runtimes.providers import make_session
 from onnxlr.runtimes.swap import SwapRunner
 
 ALLOCATORS = ("auto", "uniform", "greedy", "knapsack", "evolutionary")
@@ -45,6 +49,8 @@ SENSITIVITY_LEVELS = 5
 SENSITIVITY_SHARE = 0.25
 # Candidate weights kept in memory between evaluations.
 MEMO_BYTES = 256 * 2 ** 20
+# Timed runs of a whole model for a latency target.
+LATENCY_REPEATS = 30
 
 
 @dataclass
@@ -65,13 +71,23 @@ class LevelTable:
         return {key: int(r[j]) for key, r, j in zip(self.keys, self.ranks, picks)}
 
 
+def level_costs(layer, ranks: np.ndarray, unit_costs: Mapping[str, float] | None = None,
+                cost_of: Callable[[Any, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """The cost of ``layer`` at each of ``ranks`` (0 = dense): ``cost_of(layer, ranks)`` when given,
+    else its parameters ``r (k + n)`` (``k n`` dense) times ``unit_costs[weight name]`` (default 1)."""
+    if cost_of is not None:
+        return np.asarray(cost_of(layer, ranks), dtype=np.float64)
+    k, n = layer.W.shape
+    ranks = np.asarray(ranks)
+    return (np.where(ranks > 0, ranks * (k + n), k * n) * (unit_costs or {}).get(layer.weight.name, 1.0)).astype(np.float64)
+
+
 def level_table(layers, decompositions: Mapping, unit_costs: Mapping[str, float] | None = None, *,
                 levels: int | None = None, cost_of: Callable[[Any, np.ndarray], np.ndarray] | None = None) -> LevelTable:
     """The level table of ``layers`` (one entry per weight). ``decompositions``: from
     ``FactorizeMatMul.decompositions``. Costs are parameters times ``unit_costs[weight name]``
     (default 1), or ``cost_of(layer, ranks)`` when given (e.g. measured milliseconds). ``levels``:
     ranks per layer (default FINE_LEVELS, or COARSE_LEVELS with ``cost_of``)."""
-    unit = dict(unit_costs or {})
     levels = levels or (COARSE_LEVELS if cost_of is not None else FINE_LEVELS)
     table = LevelTable([], [], [], [], [])
     for layer in layers:
@@ -80,16 +96,13 @@ def level_table(layers, decompositions: Mapping, unit_costs: Mapping[str, float]
             continue
         k, n = layer.W.shape
         ranks = allocation.rank_levels(k, n, levels)
-        if cost_of is not None:
-            cost = np.asarray(cost_of(layer, ranks), dtype=np.float64)
-        else:
-            cost = np.where(ranks > 0, ranks * (k + n), k * n) * unit.get(layer.weight.name, 1.0)
+        cost = level_costs(layer, ranks, unit_costs, cost_of)
         s = decompositions[key][2]
         tail = np.concatenate([np.cumsum((s ** 2)[::-1])[::-1], [0.0]])  # tail[r] = sum_{i >= r} s_i^2
         table.keys.append(key)
         table.shapes.append((k, n))
         table.ranks.append(ranks)
-        table.costs.append(cost.astype(np.float64))
+        table.costs.append(cost)
         table.calibrated.append(np.where(ranks > 0, tail[np.minimum(ranks, s.size)], 0.0))
         table.totals.append(float(tail[0]))
     return table
@@ -274,62 +287,62 @@ def search(table: LevelTable, budget: float, allocator: str, candidates: Candida
     return result
 
 
-def latency_costs(model, layers, share: float, *, provider: str, threads: int, dims: Mapping[str, int] | None,
-                  table=None) -> tuple[float, Callable]:
-    """For ``--target latency=share``: the milliseconds left to the factorizable layers and
-    ``cost_of(layer, ranks) -> ms per level`` from the measured lookup table
-    (:class:`runtimes.latency_table.LatencyTable`). The whole model is timed once on ``provider``
-    (synthetic inputs at ``dims``); everything but the factorizable layers is taken to keep its time,
-    so the layers get ``share * whole - (whole - their dense sum)``."""
-    from onnxlr.macs import count_macs
-    from onnxlr.runtimes.feeds import synthetic_feeds
-    from onnxlr.runtimes.latency import measure
-    from onnxlr.runtimes.latency_table import LatencyTable
-    from onnxlr.runtimes.providers import make_session
+@dataclass
+class LatencyModel:
+    """What a ``--target latency=F`` budget is made of, measured once per model: the whole model's
+    median time on ``provider`` (synthetic inputs at the ``--dim`` sizes), the factorizable layers'
+    dense time from the lookup table, and ``cost_of(layer, ranks) -> ms per level`` from that table.
+    Everything but the factorizable layers is taken to keep its time."""
 
+    whole_ms: float
+    dense_ms: float
+    cost_of: Callable[[Any, np.ndarray], np.ndarray]
+    provider: str
+
+    def budget(self, share: float) -> float:
+        """Milliseconds left to the factorizable layers: ``share * whole - (whole - their dense time)``."""
+        rest = max(self.whole_ms - self.dense_ms, 0.0)
+        budget = share * self.whole_ms - rest
+        if budget <= 0:
+            raise OnnxlrError(f"--target latency={share:g} is out of reach: the model takes {self.whole_ms:.3g} ms on "
+                              f"{self.provider}, {rest:.3g} ms of it outside its factorizable MatMul/Gemm layers")
+        return budget
+
+
+def latency_model(model, layers, *, provider: str, threads: int, dims: Mapping[str, int] | None,
+                  table=None) -> LatencyModel:
+    """Time ``model`` once and price its ``layers`` from the lookup table
+    (:class:`runtimes.latency_table.LatencyTable`, measured where its cache lacks a shape)."""
     macs = count_macs(model, dims).per_node
     rows: dict[tuple[str, bool], float] = {}
+    first = {}  # weight key -> a layer reading it
     for layer in layers:
         if layer.node.name not in macs:
             raise OnnxlrError(f"cannot time {layer.node.name!r} for a latency target: its shapes stay unknown; "
                               f"set the model's symbolic dimensions with --dim NAME=VALUE")
         key = (layer.weight.name, layer.transposed)
         rows[key] = rows.get(key, 0.0) + macs[layer.node.name] / layer.W.size
-    table = table or LatencyTable(provider=provider, threads=threads)
+        first.setdefault(key, layer)
+    table = table or latency_table.LatencyTable(provider=provider, threads=threads)
 
     def cost_of(layer, ranks: np.ndarray) -> np.ndarray:
         k, n = layer.W.shape
         dense, factorized = table.layer_costs(max(1, int(round(rows[(layer.weight.name, layer.transposed)]))), k, n,
                                               [int(r) for r in ranks if r > 0])
-        out, it = [], iter(factorized)
-        for r in ranks:
-            out.append(dense if r == 0 else float(next(it)))
-        return np.asarray(out)
+        it = iter(factorized)
+        return np.asarray([dense if r == 0 else float(next(it)) for r in ranks])
 
     session = make_session(model.SerializeToString(), provider, threads)
-    whole = measure({"model": session}, synthetic_feeds(model, dict(dims or {})), warmup=3,
-                    repeats=LATENCY_REPEATS)["model"].median_ms
-    dense_sum = 0.0
-    for key in rows:
-        layer = next(l for l in layers if (l.weight.name, l.transposed) == key)
-        dense_sum += float(cost_of(layer, np.array([0]))[0])
-    budget = share * whole - max(whole - dense_sum, 0.0)
-    if budget <= 0:
-        raise OnnxlrError(f"--target latency={share:g} is out of reach: the model takes {whole:.3g} ms on {provider}, "
-                          f"{max(whole - dense_sum, 0):.3g} ms of it outside its factorizable MatMul/Gemm layers")
-    return budget, cost_of
+    whole = latency.measure({"model": session}, synthetic_feeds(model, dict(dims or {})), warmup=3,
+                            repeats=LATENCY_REPEATS)["model"].median_ms
+    dense = sum(float(cost_of(layer, np.array([0]))[0]) for layer in first.values())
+    return LatencyModel(whole, dense, cost_of, provider)
 
-
-LATENCY_REPEATS = 30
 
 
 def latency_ratio(original, optimized, *, provider: str, threads: int, dims: Mapping[str, int] | None) -> float:
     """Median latency of ``optimized`` over ``original``'s, timed interleaved on synthetic inputs at ``dims``."""
-    from onnxlr.runtimes.feeds import synthetic_feeds
-    from onnxlr.runtimes.latency import measure
-    from onnxlr.runtimes.providers import make_session
-
     sessions = {name: make_session(m.SerializeToString(), provider, threads)
                 for name, m in (("original", original), ("optimized", optimized))}
-    found = measure(sessions, synthetic_feeds(original, dict(dims or {})), warmup=3, repeats=LATENCY_REPEATS)
+    found = latency.measure(sessions, synthetic_feeds(original, dict(dims or {})), warmup=3, repeats=LATENCY_REPEATS)
     return found["optimized"].median_ms / found["original"].median_ms

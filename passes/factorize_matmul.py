@@ -343,10 +343,6 @@ class FactorizeMatMul:
             decompositions[key] = shared[ckey][2]
         return weight_stats, decompositions
 
-    def allocate(self, layers: list[Layer]) -> dict[tuple[str, bool], int | None]:
-        """Ranks per (weight name, transposed) under ``config.param_budget``; None = stays dense."""
-        return self._allocate(layers, self._decompositions(layers)[1])
-
     def factors(self, layer: Layer, rank: int, decomposition: tuple, paired=None):
         """``(A (k, r), B (r, n), delta (n,) or None)`` of ``layer`` at ``rank``: its factors and the
         bias correction folded after it. ``decomposition``: the layer's entry of

@@ -54,7 +54,8 @@ def compare(name: str, reference: np.ndarray, output: np.ndarray) -> OutputCompa
     cosine = float(_cosine(ref.reshape(1, -1), out.reshape(1, -1))[0])
     rows = ref.reshape(ref.shape[0], -1) if ref.ndim >= 2 else ref.reshape(1, -1)
     cosine_min = float(_cosine(rows, out.reshape(rows.shape)).min()) if rows.size else 1.0
-    last = ref.reshape(-1, ref.shape[-1]) if ref.ndim else ref.reshape(1, 1)
+    # rows along the last axis (a scalar is one row of one); an empty output agrees trivially
+    last = ref.reshape(-1, ref.shape[-1]) if ref.ndim and ref.size else ref.reshape(1, -1)
     out_last = out.reshape(last.shape)
     return OutputComparison(
         name=name,

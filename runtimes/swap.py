@@ -22,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxlr.graph import export_model, import_graph, unique_name
-from onnxlr.runtimes.compare import kl_softmax
+from onnxlr.runtimes.compare import _cosine, kl_softmax
 from onnxlr.runtimes.providers import make_session
 
 WeightKey = tuple[str, bool]  # (weight initializer name, stored transposed: Gemm transB=1)
@@ -36,10 +36,7 @@ def rel_l2(ref: np.ndarray, out: np.ndarray) -> float:
 
 def cosine_gap(ref: np.ndarray, out: np.ndarray) -> float:
     """One minus the mean per-sample (axis 0) cosine."""
-    a, b = ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cos = np.where(den > 0, np.sum(a * b, axis=1) / np.where(den > 0, den, 1.0), 1.0)
-    return float(1.0 - cos.mean())
+    return float(1.0 - _cosine(ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1)).mean())
 
 
 DIVERGENCES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
