@@ -137,15 +137,3 @@ def load_npz(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.nd
         raise OnnxlrError(f"{path} is not a readable .npz file ({type(exc).__name__})") from None
     check_feeds(model, feeds, str(path))
     return feeds
-
-
-def batches(feeds: dict[str, np.ndarray], batch_size: int):
-    """Split ``feeds`` along axis 0 into batches of ``batch_size`` when every input has the same
-    leading length; otherwise yield the feeds whole."""
-    lengths = {v.shape[0] if v.ndim else None for v in feeds.values()}
-    if len(lengths) != 1 or None in lengths:
-        yield feeds
-        return
-    (n,) = lengths
-    for start in range(0, n, batch_size):
-        yield {k: v[start:start + batch_size] for k, v in feeds.items()}
