@@ -5,6 +5,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# A second environment with onnxruntime-openvino (it replaces the onnxruntime module, so it cannot
+# share .venv): validation reaches it with --device .venv-openvino/bin/python, and the tests use it.
+OV_VENV ?= .venv-openvino
 
 .PHONY: demo test bench clean
 
@@ -18,8 +21,14 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/onnxlr demo
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -q
+$(OV_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(OV_VENV)
+	$(OV_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OV_VENV)/bin/python -m pip install -q onnxruntime-openvino==1.24.1 'numpy<3'
+	touch $@
+
+test: $(VENV)/.installed $(OV_VENV)/.installed
+	ONNXLR_OPENVINO_PYTHON=$(OV_VENV)/bin/python $(PY) -m pytest -q
 
 bench: $(VENV)/.installed
 	$(PY) bench/plain_svd.py --write docs/benchmarks.md
@@ -30,4 +39,4 @@ bench: $(VENV)/.installed
 	$(PY) bench/quantize.py --write docs/benchmarks.md
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(OV_VENV) build dist *.egg-info

@@ -34,6 +34,7 @@ from onnxlr.report import ModelSummary, Report
 from onnxlr.runtimes import feeds as feeds_mod
 from onnxlr.runtimes.compare import TOLERANCE_METRICS, Tolerance
 from onnxlr.runtimes.compare import compare as compare_outputs
+from onnxlr.runtimes.devices import parse_devices
 from onnxlr.runtimes.providers import default_threads, make_session, parse_providers
 from onnxlr.runtimes.sensitivity import output_sensitivity
 from onnxlr.runtimes.latency_guard import LatencyGuard
@@ -178,12 +179,12 @@ def sample_inputs(model: onnx.ModelProto, inputs: InputsLike = None, dims: Mappi
     return feeds_mod.load_npz(inputs, model), str(inputs)
 
 
-def _validate(original: onnx.ModelProto, optimized: onnx.ModelProto, *, providers, inputs, dims,
+def _validate(original: onnx.ModelProto, optimized: onnx.ModelProto, *, providers, devices, inputs, dims,
               threads, batch_size, repeats):
     feeds, label = sample_inputs(original, inputs, dims)
     return validate_models(
         original.SerializeToString(), optimized.SerializeToString(), feeds,
-        providers=parse_providers(providers), threads=threads or default_threads(),
+        providers=providers, devices=parse_devices(devices), threads=threads or default_threads(),
         batch_size=batch_size, repeats=repeats, inputs_label=label,
     )
 
@@ -569,6 +570,7 @@ def optimize(
     latency_guard: bool = False,
     embeddings: bool = False,
     providers: str | Sequence[str] = ("cpu",),
+    devices: str | Sequence[str] = (),
     inputs: InputsLike = None,
     dims: Mapping[str, int] | None = None,
     max_error: float | str | Tolerance | None = None,
@@ -625,7 +627,10 @@ def optimize(
         measured at the layer's input shape (symbolic dimensions from ``dims``, batch 1 otherwise).
     embeddings : also factorize embedding tables (Gather on a constant [vocab, d] table) under the
         same rank rule, weighted by token frequency in ``calib`` when given.
-    providers : execution providers to validate on (``"cpu,cuda"`` or a list).
+    providers : execution providers to validate on (``"cpu,cuda"``, ``"all"``, or a list; options after
+        colons: ``"cuda:device_id=1"``, :mod:`onnxlr.runtimes.providers`).
+    devices : command prefixes of other Pythons to validate on as well (``"ssh user@board"``, a venv's
+        ``bin/python`` holding onnxruntime-openvino…, :mod:`onnxlr.runtimes.devices`).
     inputs : sample inputs: .npz path or dict keyed by input name; None for synthetic ones.
     dims : values of symbolic input dimensions for synthetic inputs.
     max_error : tolerance (see :func:`parse_tolerance`); ``report.passed`` says if it held.
@@ -653,7 +658,7 @@ def optimize(
     if recipe_.needs_calib and calib is None:
         raise OnnxlrError(f"recipe {recipe!r} needs calibration data (--calib)")
     tolerance = parse_tolerance(max_error)
-    parse_providers(providers)  # fail on an unknown provider before the slow part
+    parse_providers(providers), parse_devices(devices)  # fail on a malformed one before the slow part
     if isinstance(calib, Iterator) and (recipe_.steps or method == "fisher" or sequential):
         calib = list(calib)  # read more than once (statistics of every step): a one-shot iterator is kept
     original, path = _load(model)
@@ -702,7 +707,8 @@ def optimize(
             raise RuntimeError(f"onnxlr produced an invalid model: {exc}") from exc
         report = Report(ModelSummary.of(original, path), ModelSummary.of(optimized), built, tolerance=tolerance)
         if validate:
-            report.validation = _validate(original, optimized, providers=providers, inputs=inputs, dims=dims,
+            report.validation = _validate(original, optimized, providers=providers, devices=devices,
+                                          inputs=inputs, dims=dims,
                                           threads=threads, batch_size=batch_size, repeats=repeats)
         return optimized, report
 
@@ -729,6 +735,7 @@ def validate(
     optimized: ModelLike,
     *,
     providers: str | Sequence[str] = ("cpu",),
+    devices: str | Sequence[str] = (),
     inputs: InputsLike = None,
     dims: Mapping[str, int] | None = None,
     max_error: float | str | Tolerance | None = None,
@@ -741,7 +748,7 @@ def validate(
     ref, ref_path = _load(original)
     opt, opt_path = _load(optimized)
     report = Report(ModelSummary.of(ref, ref_path), ModelSummary.of(opt, opt_path), tolerance=tolerance)
-    report.validation = _validate(ref, opt, providers=providers, inputs=inputs, dims=dims,
+    report.validation = _validate(ref, opt, providers=providers, devices=devices, inputs=inputs, dims=dims,
                                   threads=threads, batch_size=batch_size, repeats=repeats)
     return report
 

@@ -23,7 +23,11 @@ import onnx
 from onnxlr.graph import count_parameters
 from onnxlr.pipeline import PassRecord
 from onnxlr.runtimes.compare import Tolerance
+from onnxlr.runtimes.mobile import OrtConversion
 from onnxlr.runtimes.validate import Validation
+
+
+SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Report:
     validation: Validation | None = None
     tolerance: Tolerance | None = None
     written: bool = False
+    ort_format: OrtConversion | None = None  # the .ort copy written with --ort
 
     @property
     def passed(self) -> bool | None:
@@ -65,7 +70,11 @@ class Report:
         return next((record for record in self.passes if record.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        """The JSON form, described by docs/report.schema.json (``schema_version`` bumps on any
+        incompatible change)."""
+        out = {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}
+        if self.ort_format:
+            out["ort_format"]["path"] = str(self.ort_format.path)
         out["tolerance"] = str(self.tolerance) if self.tolerance else None
         out["passed"] = self.passed
         if self.validation:
@@ -105,32 +114,12 @@ class Report:
                 shown = ", ".join(nodes[:3]) + (f" … (+{len(nodes) - 3})" if len(nodes) > 3 else "")
                 lines.append(f"  skipped {len(nodes)}: {reason}  [{shown}]")
         if self.validation:
-            v = self.validation
+            lines.extend(_validation_lines(self.validation))
+        if self.ort_format:
+            f = self.ort_format
             lines.append("")
-            lines.append(f"validation on {v.inputs} ({v.samples} samples), {v.threads} threads, "
-                         f"latency batch {v.latency_batch}")
-            for p in v.providers:
-                if not p.available:
-                    lines.append(f"  {p.provider}: not run: {p.reason}")
-                    continue
-                if p.reason:
-                    lines.append(f"  {p.provider}: {p.reason}")
-                    continue
-                lines.append(
-                    f"  {p.provider}: latency {p.latency_original.median_ms:.2f} ms "
-                    f"(p90 {p.latency_original.p90_ms:.2f}) -> {p.latency_optimized.median_ms:.2f} ms "
-                    f"(p90 {p.latency_optimized.p90_ms:.2f}), speed-up {p.speedup:.2f}x"
-                )
-                if p.lost_fusions:
-                    lost = ", ".join(f"{op} {a} -> {b}" for op, (a, b) in p.lost_fusions.items())
-                    lines.append(f"    ONNX Runtime fusions lost: {lost}")
-                elif p.lost_fusions is not None:
-                    lines.append("    ONNX Runtime fusions: none of the original's lost")
-                for c in p.outputs:
-                    lines.append(
-                        f"    output {c.name}: max abs {c.max_abs:.3g}, rel L2 {c.rel_l2:.3g}, "
-                        f"cosine {c.cosine:.5f} (worst sample {c.cosine_min:.5f})"
-                    )
+            lines.append(f"ORT format: {f.path} ({f.bytes:,} bytes), " + (
+                f"loads and runs, max abs difference from the .onnx {f.max_abs_diff:.3g}" if f.ok else f"FAILED: {f.reason}"))
         if self.passed is not None:
             lines.append("")
             lines.append(f"tolerance {self.tolerance}: {'PASSED' if self.passed else 'FAILED'}")
@@ -213,3 +202,68 @@ def _allocation_lines(a: dict) -> list[str]:
         lines.append(f"    {row['weight']:<40} level {row['level'] + 1}/{row['levels']} {what:<9} "
                      f"cost {row['cost']:,.6g}, calibrated error {row['calib_error']:.3g}{predicted}")
     return lines
+
+
+def _validation_lines(v) -> list[str]:
+    """Per device and provider: latency, fusions, per-layer profile, output agreement; mobile checks."""
+    lines = ["", f"validation on {v.inputs} ({v.samples} samples), {v.threads} threads, "
+                 f"latency batch {v.latency_batch}"]
+    device = None
+    for p in v.providers:
+        if p.device != device:
+            device = p.device
+            lines.append(f"  device {device} (onnxruntime {p.onnxruntime})")
+        if not p.available:
+            lines.append(f"    {p.provider}: not run: {p.reason}")
+            continue
+        if p.reason:
+            lines.append(f"    {p.provider}: {p.reason}")
+            continue
+        options = f" [{', '.join(f'{k}={v}' for k, v in p.options.items())}]" if p.options else ""
+        lines.append(
+            f"    {p.provider}{options}: latency {p.latency_original.median_ms:.2f} ms "
+            f"(p90 {p.latency_original.p90_ms:.2f}) -> {p.latency_optimized.median_ms:.2f} ms "
+            f"(p90 {p.latency_optimized.p90_ms:.2f}), speed-up {p.speedup:.2f}x"
+        )
+        if p.lost_fusions:
+            lost = ", ".join(f"{op} {a} -> {b}" for op, (a, b) in p.lost_fusions.items())
+            lines.append(f"      ONNX Runtime fusions lost: {lost}")
+        elif p.lost_fusions is not None:
+            lines.append("      ONNX Runtime fusions: none of the original's lost")
+        for c in p.outputs:
+            lines.append(
+                f"      output {c.name}: max abs {c.max_abs:.3g}, rel L2 {c.rel_l2:.3g}, "
+                f"cosine {c.cosine:.5f} (worst sample {c.cosine_min:.5f})"
+            )
+        if p.profile:
+            lines.extend(_profile_lines(p.profile))
+    for check in v.mobile:
+        lines.append(f"  {check.target} (static check, not run): {_partitioning(check.original)} -> "
+                     f"{_partitioning(check.optimized)}")
+    for warning in v.warnings:
+        lines.append(f"  warning: {warning}")
+    return lines
+
+
+PROFILE_LAYERS_SHOWN = 5
+
+
+def _profile_lines(profile) -> list[str]:
+    before, after = profile.total_ms
+    placement = "; ".join(f"{label} " + ", ".join(f"{n} nodes on {prov.replace('ExecutionProvider', '')}"
+                                                  for prov, n in counts.items())
+                          for label, counts in profile.placement.items())
+    lines = [f"      profile: kernels {before:.3f} -> {after:.3f} ms ({placement})"]
+    for t in profile.layers[:PROFILE_LAYERS_SHOWN]:
+        lines.append(f"        {t.node:<44} {t.op:<8} {t.before_ms:.4f} -> {t.after_ms:.4f} ms "
+                     f"({len(t.after_nodes)} nodes)")
+    if len(profile.layers) > PROFILE_LAYERS_SHOWN:
+        rest = profile.layers[PROFILE_LAYERS_SHOWN:]
+        lines.append(f"        … {len(rest)} more rewritten layers: {sum(t.before_ms for t in rest):.4f} -> "
+                     f"{sum(t.after_ms for t in rest):.4f} ms")
+    return lines
+
+
+def _partitioning(p) -> str:
+    return (f"{p.partitions} partition{'s' if p.partitions != 1 else ''}, "
+            f"{p.supported_nodes}/{p.nodes} nodes supported, {p.suitability}")

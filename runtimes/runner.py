@@ -153,7 +153,9 @@ def run(models, feeds, providers=ALL, provider_options=None, threads=1, batch_si
     results = []
     for provider in providers:
         result = {"provider": provider, "available": provider in available, "reason": "", "failed": "",
-                  "options": dict((provider_options or {}).get(provider, {})), "models": {}}
+                  "models": {},
+                  # what the session gets: the user's options over onnxlr's defaults
+                  "options": session_options(provider, (provider_options or {}).get(provider), threads)}
         results.append(result)
         if not result["available"]:
             result["reason"] = "not in this onnxruntime build"

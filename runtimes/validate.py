@@ -1,4 +1,11 @@
-"""Run an original and an optimized model side by side on each provider and compare them."""
+"""Run an original and an optimized model side by side on each provider and device, and compare them.
+
+Each device (this process, or a ``--device`` command prefix) runs both models through the standalone
+runner on the providers asked for (``all``: every provider of that device's onnxruntime build):
+outputs over all samples, latency interleaved on the first batch, and ONNX Runtime's per-node
+profile. onnxlr compares the outputs here. NNAPI and CoreML, which no machine here runs, get ONNX
+Runtime's static partition analysis instead (:mod:`onnxlr.runtimes.mobile`).
+"""
 
 from __future__ import annotations
 
@@ -6,31 +13,37 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnxruntime as ort
-from tqdm import tqdm
 
 from onnxlr.errors import OnnxlrError
 from onnxlr.runtimes import compare as cmp
-from onnxlr.runtimes import fusions
+from onnxlr.runtimes import fusions, mobile, profiling
 from onnxlr.runtimes import latency as lat
-from onnxlr.runtimes.feeds import batches
-from onnxlr.runtimes.providers import make_session, missing_reason
+from onnxlr.runtimes.devices import Device
+from onnxlr.runtimes.providers import ALL, not_in_build, parse_provider_specs
+from onnxlr.runtimes.runner import batches
 
 ModelSource = bytes | str | os.PathLike
+PROFILE_RUNS = 10
+# Providers whose static usability onnxlr checks (ONNX Runtime's mobile usability checker)
+MOBILE_PROVIDERS = ("NnapiExecutionProvider", "CoreMLExecutionProvider")
 
 
 @dataclass
 class ProviderResult:
-    """Agreement and speed of the optimized model against the original on one provider."""
+    """Agreement and speed of the optimized model against the original on one provider of one device."""
 
     provider: str
     available: bool
-    reason: str = ""  # why the provider was not run, or why the optimized model failed on it
+    reason: str = ""  # why the provider was not run, or why a model failed on it
     outputs: list[cmp.OutputComparison] = field(default_factory=list)
     latency_original: lat.Latency | None = None
     latency_optimized: lat.Latency | None = None
     # CPU only: ONNX Runtime fusions the original got and the optimized model lost, op -> (before, after)
     lost_fusions: dict[str, tuple[int, int]] | None = None
+    device: str = "local"
+    onnxruntime: str = ""  # version on that device
+    options: dict[str, str] = field(default_factory=dict)
+    profile: profiling.ProfileSummary | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -46,16 +59,8 @@ class Validation:
     latency_batch: dict[str, list[int]]  # input shapes used for timing
     threads: int
     providers: list[ProviderResult]
-
-
-def _run_all(session: ort.InferenceSession, feeds, batch_size: int) -> dict[str, np.ndarray]:
-    """Outputs over all of ``feeds``, run in batches and concatenated along axis 0."""
-    names = [o.name for o in session.get_outputs()]
-    progress = tqdm(batches(feeds, batch_size), desc="compare", unit="batch", disable=None, leave=False)
-    chunks = [session.run(None, batch) for batch in progress]
-    if len(chunks) == 1:
-        return dict(zip(names, chunks[0]))
-    return {name: np.concatenate([np.atleast_1d(c[i]) for c in chunks]) for i, name in enumerate(names)}
+    mobile: list[mobile.MobileCheck] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the rewrite made the model less provider-friendly
 
 
 def validate_models(
@@ -63,57 +68,93 @@ def validate_models(
     optimized: ModelSource,
     feeds: dict[str, np.ndarray],
     *,
-    providers: list[str],
+    providers: str | list[str],
     threads: int,
+    devices: list[Device] | None = None,
     batch_size: int = 8,
     warmup: int = 3,
     repeats: int = 20,
+    profile_runs: int = PROFILE_RUNS,
     inputs_label: str = "",
 ) -> Validation:
-    """Compare ``optimized`` with ``original`` on every provider in ``providers``.
+    """Compare ``optimized`` with ``original`` on every provider of ``providers`` on every device.
 
     All of ``feeds`` is compared, in batches of ``batch_size`` along axis 0; latency is timed on the
-    first batch, interleaving the two models.
+    first batch, interleaving the two models; ``profile_runs`` profiled runs per model give per-node
+    times (0: no profile).
     """
+    specs = parse_provider_specs(providers)
+    names = ALL if any(s.name == ALL for s in specs) else [s.name for s in specs]
+    options = {s.name: s.options for s in specs if s.options}
+    models = {"original": _bytes(original), "optimized": _bytes(optimized)}
     first = next(batches(feeds, batch_size))
-    results = []
-    for provider in providers:
-        reason = missing_reason(provider)
-        if reason:
-            results.append(ProviderResult(provider, available=False, reason=reason))
-            continue
-        try:
-            ref_session = make_session(original, provider, threads)
-            reference = _run_all(ref_session, feeds, batch_size)
-        except Exception as exc:  # ORT raises its own exception types for bad inputs
-            raise OnnxlrError(f"the original model fails on {provider} with these inputs: {_one_line(exc)}") from None
-        try:
-            opt_session = make_session(optimized, provider, threads)
-            produced = _run_all(opt_session, feeds, batch_size)
-        except Exception as exc:
-            results.append(ProviderResult(provider, available=True,
-                                          reason=f"optimized model failed: {_one_line(exc)}"))
-            continue
-        mismatch = _output_mismatch(reference, produced)
-        if mismatch:
-            raise OnnxlrError(f"the models cannot be compared: {mismatch}")
-        outputs = [cmp.compare(name, reference[name], produced[name]) for name in reference]
-        timing = lat.measure({"original": ref_session, "optimized": opt_session}, first,
-                             warmup=warmup, repeats=repeats)
-        result = ProviderResult(provider, True, "", outputs, timing["original"], timing["optimized"])
-        if provider == "CPUExecutionProvider":
-            result.lost_fusions = fusions.lost_fusions(fusions.fused_op_counts(original, threads),
-                                                       fusions.fused_op_counts(optimized, threads))
-        results.append(result)
+    results, warnings = [], []
+    for device in devices or [Device("local")]:
+        response = device.run(models, feeds, providers=names, provider_options=options, threads=threads,
+                              batch_size=batch_size, warmup=warmup, repeats=repeats, profile_runs=profile_runs)
+        for raw in response["results"]:
+            result = _provider_result(raw, device, response["onnxruntime"])
+            if result.profile:
+                warning = profiling.fallback_warning(result.profile, f"{result.provider} ({device.label})")
+                if warning:
+                    warnings.append(warning)
+            if result.provider == "CPUExecutionProvider" and device.is_local and not result.reason:
+                result.lost_fusions = fusions.lost_fusions(fusions.fused_op_counts(models["original"], threads),
+                                                           fusions.fused_op_counts(models["optimized"], threads))
+            results.append(result)
+    cpu = [r for r in results if r.provider == "CPUExecutionProvider" and r.device == "local"]
+    if cpu and cpu[0].reason.startswith("original model failed"):
+        raise OnnxlrError(f"the original model fails on CPUExecutionProvider with these inputs: "
+                          f"{cpu[0].reason.split(': ', 1)[1]}")
+    checks = []
+    if names == ALL or any(n in MOBILE_PROVIDERS for n in names):
+        checks = mobile.compare_models(models["original"], models["optimized"],
+                                       {k: list(v.shape) for k, v in first.items()})
+        warnings.extend(w for check in checks for w in check.warnings)
     leading = {v.shape[0] for v in feeds.values() if v.ndim}
-    samples = leading.pop() if len(leading) == 1 else 1
     return Validation(
         inputs=inputs_label,
-        samples=samples,
+        samples=leading.pop() if len(leading) == 1 else 1,
         latency_batch={k: list(v.shape) for k, v in first.items()},
         threads=threads,
         providers=results,
+        mobile=checks,
+        warnings=warnings,
     )
+
+
+def _provider_result(raw: dict, device: Device, version: str) -> ProviderResult:
+    """One provider's runner result, compared: outputs of the optimized model against the original's."""
+    build = "this onnxruntime build" if device.is_local else f"the onnxruntime {version} of device {device.label!r}"
+    result = ProviderResult(raw["provider"], raw["available"], device=device.label, onnxruntime=version,
+                            options=raw["options"])
+    if not raw["available"]:
+        result.reason = not_in_build(raw["provider"], build)
+        return result
+    if raw["failed"]:
+        result.reason = f"{raw['failed']} model failed: {raw['reason']}"
+        return result
+    if raw["reason"]:  # in the build but not a device to run on (Azure)
+        result.available, result.reason = False, f"{raw['provider']} {raw['reason']}"
+        return result
+    ran = raw["models"]
+    reference, produced = ran["original"]["outputs"], ran["optimized"]["outputs"]
+    mismatch = _output_mismatch(reference, produced)
+    if mismatch:
+        raise OnnxlrError(f"the models cannot be compared: {mismatch}")
+    result.outputs = [cmp.compare(name, reference[name], produced[name]) for name in reference]
+    result.latency_original = lat.Latency(**ran["original"]["latency"])
+    result.latency_optimized = lat.Latency(**ran["optimized"]["latency"])
+    if "nodes" in ran["original"]:
+        result.profile = profiling.summarize(ran["original"]["nodes"], ran["optimized"]["nodes"], result.provider)
+    return result
+
+
+def _bytes(model: ModelSource) -> bytes:
+    if isinstance(model, bytes):
+        return model
+    with open(model, "rb") as f:
+        return f.read()
 
 
 def _output_mismatch(reference: dict[str, np.ndarray], produced: dict[str, np.ndarray]) -> str:
@@ -124,8 +165,3 @@ def _output_mismatch(reference: dict[str, np.ndarray], produced: dict[str, np.nd
         if ref.shape != produced[name].shape:
             return f"output {name!r} has shape {list(ref.shape)} vs {list(produced[name].shape)}"
     return ""
-
-
-def _one_line(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300]
