@@ -18,6 +18,7 @@ from onnxlr.passes.factorize_conv import DECOMPOSITIONS
 from onnxlr.passes.factorize_matmul import METHODS
 from onnxlr.recipes import RECIPES
 from onnxlr.runtimes.feeds import parse_dims
+from onnxlr.runtimes.runner import batches
 
 EXIT_OK, EXIT_TOLERANCE, EXIT_USAGE = 0, 1, 2
 
@@ -48,7 +49,13 @@ def _parse_ranks(items: list[str] | None) -> dict[str, int]:
 
 def _add_validation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", default="cpu",
-                   help="comma-separated execution providers to validate on (default: cpu)")
+                   help="comma-separated execution providers to validate on, options after colons "
+                        "(cuda:device_id=1, openvino:device_type=GPU), or all: every provider of each "
+                        "device's onnxruntime build (default: cpu); `onnxlr providers` lists them")
+    p.add_argument("--device", action="append", metavar="PREFIX",
+                   help="also validate through this command prefix of a Python with onnxruntime and "
+                        "numpy: a venv's bin/python (e.g. holding onnxruntime-openvino), 'ssh user@board', "
+                        "'adb shell' (repeatable)")
     p.add_argument("--inputs", metavar="NPZ", help="sample inputs: .npz keyed by input name "
                    "(default: synthetic inputs from the model's input types)")
     p.add_argument("--dim", action="append", metavar="NAME=VALUE",
@@ -60,6 +67,8 @@ def _add_validation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="samples per run when comparing/timing")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per model and provider")
     p.add_argument("--report", metavar="JSON", help="also write the report as JSON")
+    p.add_argument("--html", metavar="HTML", help="also write the report as one self-contained HTML page "
+                   "with plots")
 
 
 def _add_rank_options(p: argparse.ArgumentParser) -> None:
@@ -128,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true",
                    help="store weights in OUTPUT.data (automatic above 2 GB)")
     p.add_argument("--no-validate", action="store_true", help="skip running ONNX Runtime")
+    p.add_argument("--ort", action="store_true",
+                   help="also write OUTPUT with the .ort suffix: ONNX Runtime's format for mobile and minimal "
+                        "builds, loaded back and compared with the .onnx before it is kept")
 
     p = sub.add_parser("validate", help="compare an optimized model with its original")
     p.add_argument("original")
@@ -135,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validation_options(p)
 
     sub.add_parser("recipes", help="list the named recipes (--recipe) and what each does")
+
+    p = sub.add_parser("providers", help="list the execution providers onnxruntime knows, which this build has, "
+                                         "and their options")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("inspect", help="list factorizable layers with their shapes and spectra")
     p.add_argument("model")
@@ -150,25 +166,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validation_kwargs(args) -> dict:
-    return dict(providers=args.providers, inputs=args.inputs, dims=parse_dims(args.dim),
+    return dict(providers=args.providers, devices=args.device or (), inputs=args.inputs, dims=parse_dims(args.dim),
                 max_error=args.max_error, threads=args.threads, batch_size=args.batch_size,
                 repeats=args.repeats)
 
 
 def _check_report_path(args) -> None:
-    """Fail before the slow work if the JSON report could not be written."""
-    if getattr(args, "report", None):
-        folder = Path(args.report).resolve().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise OnnxlrError(f"cannot write the report: folder {folder} does not exist or is not writable")
+    """Fail before the slow work if the JSON or HTML report could not be written."""
+    for option in ("report", "html"):
+        if getattr(args, option, None):
+            folder = Path(getattr(args, option)).resolve().parent
+            if not folder.is_dir() or not os.access(folder, os.W_OK):
+                what = "report" if option == "report" else "HTML report"
+                raise OnnxlrError(f"cannot write the {what}: folder {folder} does not exist or is not writable")
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _emit(report, args) -> None:
     print(report.format())
     if getattr(args, "report", None):
-        tmp = Path(args.report).with_name(f".{Path(args.report).name}.tmp")
-        tmp.write_text(report.to_json())
-        os.replace(tmp, args.report)
+        _write_atomic(args.report, report.to_json())
+    if getattr(args, "html", None):
+        from onnxlr import html_report
+
+        _write_atomic(args.html, html_report.render(report.to_dict()))
     if report.tolerance is not None and not any(p.available for p in report.validation.providers):
         raise OnnxlrError("none of the requested providers is in this onnxruntime build, "
                           "so --max-error could not be checked")
@@ -200,8 +226,18 @@ def cmd_optimize(args) -> int:
     api.write(optimized, args.output, source=args.model, external_data=args.external_data or None)
     report.optimized.path = args.output
     report.written = True
+    if args.ort:
+        from onnxlr.runtimes.mobile import convert_to_ort
+
+        feeds, _ = api.sample_inputs(optimized, args.inputs, parse_dims(args.dim))
+        first = next(batches(feeds, args.batch_size))
+        report.ort_format = convert_to_ort(args.output, Path(args.output).with_suffix(".ort"), feeds=first)
     _emit(report, args)
-    print(f"\nwrote {args.output}")
+    print(f"\nwrote {args.output}" + (f" and {report.ort_format.path}" if report.ort_format and report.ort_format.ok else ""))
+    if report.ort_format and not report.ort_format.ok:
+        print(f"onnxlr: the .ort conversion failed ({report.ort_format.reason}); only {args.output} written",
+              file=sys.stderr)
+        return EXIT_TOLERANCE
     return EXIT_OK
 
 
@@ -262,7 +298,23 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"optimize": cmd_optimize, "validate": cmd_validate, "inspect": cmd_inspect, "recipes": cmd_recipes,
+def cmd_providers(args) -> int:
+    from onnxlr.runtimes.providers import registry
+
+    rows = registry()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        state = "in this build" if row["in_build"] else f"not in this build: {row['package'] or '?'}"
+        options = ", ".join(row["options"]) or "-"
+        defaults = ", ".join(f"{k}={v}" for k, v in row["defaults"].items())
+        print(f"{row['short'] or '-':<9} {row['name']:<30} {state}")
+        print(f"{'':<9} options: {options}" + (f"  (onnxlr sets {defaults})" if defaults else ""))
+    return EXIT_OK
+
+
+COMMANDS = {"optimize": cmd_optimize, "providers": cmd_providers, "validate": cmd_validate, "inspect": cmd_inspect, "recipes": cmd_recipes,
             "demo": cmd_demo}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +84,9 @@ class Report:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        """Strict JSON: a non-finite number (an infinite relative error of an all-zero reference)
+        is written as null, since JSON has no Infinity or NaN."""
+        return json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False)
 
     def format(self) -> str:
         """Human-readable report."""
@@ -124,6 +127,16 @@ class Report:
             lines.append("")
             lines.append(f"tolerance {self.tolerance}: {'PASSED' if self.passed else 'FAILED'}")
         return "\n".join(lines)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _ratio(new: int, old: int) -> str:

@@ -34,7 +34,8 @@ class ProfileSummary:
     by_op : op type -> summed kernel ms (original, optimized).
     layers : the rewritten nodes (see the module docstring), slowest first.
     placement : model label -> provider -> number of nodes it ran.
-    fallback_ops : model label -> op types that ran on the CPU fallback under another provider.
+    fallback_ops : model label -> op types that ran on the CPU fallback under another provider
+        (empty lists on the CPU provider). Times are rounded to 0.1 µs.
     """
 
     total_ms: tuple[float, float]
@@ -52,9 +53,17 @@ def graph_node_name(profiled: str) -> str:
     return profiled
 
 
+def _op_kind(op: str) -> str:
+    """``OpenVINO-EP-subgraph_3`` -> ``OpenVINO-EP-subgraph``: a provider's compiled subgraphs are
+    numbered per session, so the original's and the optimized model's would never line up."""
+    head, _, tail = op.rpartition("_")
+    return head if "subgraph" in head.lower() and tail.isdigit() else op
+
+
 def _by_graph_node(profile: dict[str, dict]) -> dict[str, dict]:
     merged: dict[str, dict] = {}
     for name, entry in profile.items():
+        entry = {**entry, "op": _op_kind(entry["op"])}
         key = graph_node_name(name)
         if key in merged:
             merged[key] = {**merged[key], "ms": merged[key]["ms"] + entry["ms"]}
@@ -77,17 +86,16 @@ def summarize(original: dict[str, dict], optimized: dict[str, dict], provider: s
             continue
         if name in optimized:
             replacements.insert(0, name)
-        layers.append(LayerTiming(name, entry["op"], entry["ms"],
-                                  sum(optimized[n]["ms"] for n in replacements), replacements))
+        layers.append(LayerTiming(name, entry["op"], round(entry["ms"], 4),
+                                  round(sum(optimized[n]["ms"] for n in replacements), 4), replacements))
     layers.sort(key=lambda t: -t.before_ms)
     placement = {label: dict(Counter(e["provider"] for e in profile.values()))
                  for label, profile in (("original", original), ("optimized", optimized))}
-    fallback = {}
-    if provider != CPU:
-        fallback = {label: sorted({e["op"] for e in profile.values() if e["provider"] == CPU})
-                    for label, profile in (("original", original), ("optimized", optimized))}
+    # on the CPU provider nothing is a fallback: both lists stay empty
+    fallback = {label: sorted({e["op"] for e in profile.values() if e["provider"] == CPU and provider != CPU})
+                for label, profile in (("original", original), ("optimized", optimized))}
     return ProfileSummary(
-        total_ms=(sum(e["ms"] for e in original.values()), sum(e["ms"] for e in optimized.values())),
+        total_ms=(round(sum(e["ms"] for e in original.values()), 4), round(sum(e["ms"] for e in optimized.values()), 4)),
         by_op={op: (round(a, 4), round(b, 4)) for op, (a, b) in sorted(by_op.items(), key=lambda kv: -max(kv[1]))},
         layers=layers, placement=placement, fallback_ops=fallback)
 

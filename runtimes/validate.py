@@ -33,8 +33,9 @@ class ProviderResult:
     """Agreement and speed of the optimized model against the original on one provider of one device."""
 
     provider: str
-    available: bool
+    available: bool  # the provider ran (or was meant to: status "failed")
     reason: str = ""  # why the provider was not run, or why a model failed on it
+    status: str = "ran"  # ran | not_in_build | not_a_device | failed
     outputs: list[cmp.OutputComparison] = field(default_factory=list)
     latency_original: lat.Latency | None = None
     latency_optimized: lat.Latency | None = None
@@ -129,13 +130,13 @@ def _provider_result(raw: dict, device: Device, version: str) -> ProviderResult:
     result = ProviderResult(raw["provider"], raw["available"], device=device.label, onnxruntime=version,
                             options=raw["options"])
     if not raw["available"]:
-        result.reason = not_in_build(raw["provider"], build)
+        result.status, result.reason = "not_in_build", not_in_build(raw["provider"], build)
         return result
     if raw["failed"]:
-        result.reason = f"{raw['failed']} model failed: {raw['reason']}"
+        result.status, result.reason = "failed", f"{raw['failed']} model failed: {raw['reason']}"
         return result
     if raw["reason"]:  # in the build but not a device to run on (Azure)
-        result.available, result.reason = False, f"{raw['provider']} {raw['reason']}"
+        result.available, result.status, result.reason = False, "not_a_device", f"{raw['provider']} {raw['reason']}"
         return result
     ran = raw["models"]
     reference, produced = ran["original"]["outputs"], ran["optimized"]["outputs"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import shutil
 import stat
 import subprocess
@@ -169,6 +168,8 @@ def test_cli_validate_on_a_device(capsys, tmp_path, mlp_path, models):
         assert [p for d, p in listed if d == device] == ort.get_available_providers()
     ran = [r for r in results if r["available"]]
     assert {r["device"] for r in ran} == {"local", sys.executable}
+    assert {r["status"] for r in ran} == {"ran"}
+    assert all(r["status"] == "not_a_device" for r in results if r["provider"] == "AzureExecutionProvider")
     assert all(r["profile"]["layers"] and r["outputs"][0]["rel_l2"] < 0.5 for r in ran)
 
 
@@ -201,6 +202,7 @@ def test_openvino_options_reach_the_provider(models):
         provider_options={"OpenVINOExecutionProvider": {"device_type": "NO_SUCH_DEVICE"}}, repeats=1)
     result = response["results"][0]
     assert result["failed"] == "original" and "NO_SUCH_DEVICE" in result["reason"]
+    assert "fell back to CPU" in result["reason"]  # ORT would have run it all on the CPU, silently
 
 
 # --- CUDA where present ---------------------------------------------------------------------------
