@@ -55,6 +55,13 @@ def rows_for(name: str, path: Path, calib, inputs, batch: int, device: str, repe
             where = "this venv" if p.device == "local" else "OpenVINO venv"
             placement = ", ".join(f"{n} on {prov.replace('ExecutionProvider', '')}"
                                   for prov, n in p.profile.placement["optimized"].items())
+            if p.profile.layers:
+                before, after = (sum(getattr(t, f) for t in p.profile.layers) for f in ("before_ms", "after_ms"))
+                slowest = p.profile.layers[0]
+                notes.append(f"{name} {recipe}, {p.provider.replace('ExecutionProvider', '')} on {where}: ORT profile, "
+                             f"{len(p.profile.layers)} rewritten layers {before:.2f} → {after:.2f} ms of kernel time "
+                             f"(all kernels {p.profile.total_ms[0]:.2f} → {p.profile.total_ms[1]:.2f} ms); slowest "
+                             f"`{slowest.node}` {slowest.before_ms:.3f} → {slowest.after_ms:.3f} ms")
             rows.append(f"| {name} | {recipe} | {p.provider.replace('ExecutionProvider', '')} ({where}, ORT "
                         f"{p.onnxruntime}) | {o.cosine:.4f} | {o.rel_l2:.4f} | {p.latency_original.median_ms:.2f} | "
                         f"{p.latency_optimized.median_ms:.2f} | {p.speedup:.2f} | {placement} |")

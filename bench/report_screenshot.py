@@ -6,7 +6,7 @@ docs/report.png is LeNet at half its parameters, validated on every provider of 
 
     onnxlr optimize ~/.cache/onnxlr/mnist_lenet.onnx -o /tmp/lenet.onnx --calib ~/.cache/onnxlr/mnist_calib.npz \\
         --target params=0.5 --inputs ~/.cache/onnxlr/mnist_test.npz --providers all \\
-        --device /tmp/ovtest/bin/python --html /tmp/lenet.html
+        --device .venv-openvino/bin/python --html /tmp/lenet.html
     python bench/report_screenshot.py /tmp/lenet.html docs/report.png
 """
 

@@ -111,17 +111,30 @@ def _run_all(sess, feeds, batch_size):
     return {name: np.concatenate([np.atleast_1d(c[i]) for c in chunks]) for i, name in enumerate(names)}
 
 
-def profile_nodes(model, provider, options, threads, feeds, runs):
-    """Per node of the graph ONNX Runtime really runs: op, the provider it ran on, median kernel ms.
+def profile_nodes(models, provider, options, threads, feeds, runs, warmup=3):
+    """Per model (label -> bytes or path) and per node of the graph ONNX Runtime really runs: op, the
+    provider it ran on, median kernel ms.
 
-    From ONNX Runtime's own profiler (``enable_profiling``), over ``runs`` runs of ``feeds``.
+    From ONNX Runtime's own profiler (``enable_profiling``): fresh sessions, run interleaved
+    (A B A B …) like the latency, ``warmup`` runs each whose events are dropped (a new session's
+    first runs grow its memory arena), then ``runs`` runs of ``feeds``.
     """
     with tempfile.TemporaryDirectory() as folder:
-        sess = session(model, provider, options, threads, profile_prefix=os.path.join(folder, "profile"))
-        for _ in range(runs + 1):  # the first run allocates; its events are dropped with the others'
-            sess.run(None, feeds)
-        with open(sess.end_profiling()) as f:
-            events = json.load(f)
+        sessions = {label: session(model, provider, options, threads,
+                                   profile_prefix=os.path.join(folder, f"profile_{i}"))
+                    for i, (label, model) in enumerate(models.items())}
+        for _ in range(warmup + runs):
+            for sess in sessions.values():
+                sess.run(None, feeds)
+        profiles = {}
+        for label, sess in sessions.items():
+            with open(sess.end_profiling()) as f:
+                profiles[label] = _kernel_times(json.load(f), drop=warmup)
+    return profiles
+
+
+def _kernel_times(events, drop):
+    """name -> {op, provider, ms}: each node's median kernel time over its events after the first ``drop``."""
     nodes = {}
     for event in events:
         name = event.get("name", "")
@@ -131,7 +144,7 @@ def profile_nodes(model, provider, options, threads, feeds, runs):
         entry = nodes.setdefault(name[: -len("_kernel_time")],
                                  {"op": args.get("op_name", ""), "provider": args.get("provider", ""), "us": []})
         entry["us"].append(event.get("dur", 0))
-    return {name: {"op": e["op"], "provider": e["provider"], "ms": float(np.median(e["us"][1:] or e["us"])) / 1000.0}
+    return {name: {"op": e["op"], "provider": e["provider"], "ms": float(np.median(e["us"][drop:] or e["us"])) / 1000.0}
             for name, e in nodes.items()}
 
 
@@ -181,9 +194,9 @@ def run(models, feeds, providers=ALL, provider_options=None, threads=1, batch_si
         for label, latency in measure_latency(sessions, first, warmup, repeats).items():
             result["models"][label]["latency"] = latency
         if profile_runs:
-            for label, model in models.items():
-                result["models"][label]["nodes"] = profile_nodes(model, provider, result["options"], threads,
-                                                                 first, profile_runs)
+            profiles = profile_nodes(models, provider, result["options"], threads, first, profile_runs, warmup)
+            for label, nodes in profiles.items():
+                result["models"][label]["nodes"] = nodes
     return {"onnxruntime": ort.__version__, "python": platform.python_version(),
             "machine": platform.platform(), "available": available, "results": results}
 
