@@ -54,6 +54,7 @@ DEFAULT_CONV_RATIO = 0.5
 
 def _load(model: ModelLike) -> tuple[onnx.ModelProto, str]:
     if isinstance(model, onnx.ModelProto):
+        io.check_versions(model)
         return model, ""
     return io.load_model(model), str(model)
 
@@ -662,6 +663,10 @@ def optimize(
     if isinstance(calib, Iterator) and (recipe_.steps or method == "fisher" or sequential):
         calib = list(calib)  # read more than once (statistics of every step): a one-shot iterator is kept
     original, path = _load(model)
+    if validate:  # bad inputs, or an original that cannot run or gives NaN/Inf on them: fail before any rewrite
+        feeds, label = sample_inputs(original, inputs, dims)
+        feeds_mod.check_original_outputs(original, feeds, label, threads=threads, batch_size=batch_size)
+        del feeds
     arrived = import_graph(original)
     int8_weights = prequantized.weight_quantized_nodes(arrived)
     # Weights computed from constants (int8 QDQ weights among them) become float initializers first;
@@ -747,6 +752,9 @@ def validate(
     tolerance = parse_tolerance(max_error)
     ref, ref_path = _load(original)
     opt, opt_path = _load(optimized)
+    feeds, label = sample_inputs(ref, inputs, dims)  # fail early on bad inputs or a broken original
+    feeds_mod.check_original_outputs(ref, feeds, label, threads=threads, batch_size=batch_size)
+    del feeds
     report = Report(ModelSummary.of(ref, ref_path), ModelSummary.of(opt, opt_path), tolerance=tolerance)
     report.validation = _validate(ref, opt, providers=providers, devices=devices, inputs=inputs, dims=dims,
                                   threads=threads, batch_size=batch_size, repeats=repeats)

@@ -225,7 +225,7 @@ def _npz_chunks(path: Path, batch_size: int) -> Iterator[tuple[Batch, str]]:
     """Stream ``batch_size`` rows at a time from every array of one .npz."""
     try:
         npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
         raise OnnxlrError(f"{path} is not a readable .npz file ({exc})") from None
     with npz:
         readers = {}
@@ -263,7 +263,7 @@ class _MemberReader:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
             else:
                 shape, fortran, dtype = None, True, None
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, NotImplementedError, RuntimeError) as exc:
             raise OnnxlrError(f"{self.label} is not readable ({exc})") from None
         if dtype is not None and dtype.hasobject:
             stream.close()
@@ -286,7 +286,7 @@ class _MemberReader:
             if "pickle" in str(exc) or "object" in str(exc):
                 raise OnnxlrError(f"{self.label} is an object array; calibration data must be numeric (no pickles)") from None
             raise OnnxlrError(f"{self.label} is not readable ({exc})") from None
-        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        except (OSError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
             raise OnnxlrError(f"{self.label} is not readable ({type(exc).__name__})") from None
 
     def read(self, count: int) -> np.ndarray:
@@ -305,7 +305,7 @@ class _MemberReader:
                 if not n:
                     break
                 got += n
-        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        except (OSError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
             raise OnnxlrError(f"{self.label} is not readable ({exc})") from None
         if got < nbytes:
             raise OnnxlrError(f"{self.label} is truncated (expected {self.shape[0]} samples)")

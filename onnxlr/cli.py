@@ -7,12 +7,13 @@ Exit codes: 0 success; 1 the result failed the ``--max-error`` tolerance (nothin
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 from pathlib import Path
 
-from onnxlr import api
+from onnxlr import api, io
 from onnxlr.errors import OnnxlrError
 from onnxlr.passes.factorize_conv import DECOMPOSITIONS
 from onnxlr.passes.factorize_matmul import METHODS
@@ -183,8 +184,24 @@ def _check_report_path(args) -> None:
 
 def _write_atomic(path: str, text: str) -> None:
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise OnnxlrError(f"no space left on the device holding {Path(path).parent}; {path} not written") from None
+        raise OnnxlrError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: same resolved path (symlinks, ``..``) or same inode (hard link)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
 
 
 def _emit(report, args) -> None:
@@ -201,7 +218,7 @@ def _emit(report, args) -> None:
 
 
 def cmd_optimize(args) -> int:
-    if Path(args.output).resolve() == Path(args.model).resolve():
+    if _same_file(args.output, args.model):
         raise OnnxlrError(f"output path {args.output} is the input model; choose another path")
     for name in ("threads", "batch_size", "repeats", "rank_multiple"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -209,6 +226,7 @@ def cmd_optimize(args) -> int:
     if args.no_validate and args.max_error is not None:
         raise OnnxlrError("--max-error needs validation; drop --no-validate")
     _check_report_path(args)
+    io.check_writable_folder(args.output)  # before the slow work, not after it
     if args.calib_samples is not None and args.calib_samples < 1:
         raise OnnxlrError("--calib-samples must be at least 1")
     optimized, report = api.optimize(
@@ -323,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except OnnxlrError as exc:
-        print(f"onnxlr: error: {exc}", file=sys.stderr)
+        print(f"onnxlr: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("onnxlr: interrupted", file=sys.stderr)

@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -83,7 +85,10 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise OnnxlrError(f"{path} is not a valid ONNX model ({type(exc).__name__})") from None
     if not model.HasField("graph") or len(model.graph.node) == 0:
+        if path.stat().st_size == 0:
+            raise OnnxlrError(f"{path} is empty (0 bytes), not an ONNX model")
         raise OnnxlrError(f"{path} is not an ONNX model (no graph or no nodes)")
+    check_versions(model, str(path))
     base_dir = path.parent
     external = [t for t in iter_tensors(model.graph) if external_data_helper.uses_external_data(t)]
     for tensor in external:
@@ -93,7 +98,53 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
             external_data_helper.load_external_data_for_model(model, str(base_dir))
         except (ValueError, OSError, onnx.checker.ValidationError) as exc:
             raise OnnxlrError(f"{path}: cannot read external data: {' '.join(str(exc).split())[:200]}") from None
+    check_input(model, path)
     return model
+
+
+def check_input(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a model that is not valid ONNX (the checks every output must pass) as a user error,
+    before onnxlr rewrites it and the output check blames onnxlr: strings that are not UTF-8,
+    tensors whose data does not fill their shape, undefined inputs, unknown ops."""
+    try:
+        _decode_strings(model.graph)
+        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:  # too big for the in-memory checker
+            onnx.checker.check_model(str(path))
+        else:
+            check_model(model)
+    except (UnicodeError, onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise OnnxlrError(f"{path} is not a valid ONNX model: {first[:200]}") from None
+
+
+def _decode_strings(graph: onnx.GraphProto) -> None:
+    """Check that every name in ``graph`` (subgraphs included) is UTF-8 text: protobuf hands a
+    non-UTF-8 string field over as bytes, which fails only when a pass writes it into a new node."""
+    names = [v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)]
+    for node in graph.node:
+        names += [node.name, node.op_type, node.domain, *node.input, *node.output]
+        for attr in node.attribute:
+            names.append(attr.name)
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _decode_strings(sub)
+    for name in names:
+        if not isinstance(name, str):
+            raise UnicodeError(f"the name {name!r} is not UTF-8 text")
+        name.encode("utf-8")  # lone surrogates fail here
+
+
+def check_versions(model: onnx.ModelProto, label: str = "the model") -> None:
+    """Raise OnnxlrError when the model's IR version or default-domain opset is newer than the
+    installed onnx supports (nothing downstream could check or rewrite it reliably)."""
+    max_ir = onnx.IR_VERSION
+    if model.ir_version > max_ir:
+        raise OnnxlrError(f"{label} has IR version {model.ir_version}; the installed onnx {onnx.__version__} "
+                          f"supports IR versions up to {max_ir}")
+    max_opset = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > max_opset:
+            raise OnnxlrError(f"{label} uses ONNX opset {opset.version}; the installed onnx {onnx.__version__} "
+                              f"supports opsets up to {max_opset}")
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -149,7 +200,7 @@ def save_model(
     try:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
     except OSError as exc:
-        raise OnnxlrError(f"cannot write to {folder}: {exc.strerror}") from None
+        raise _write_error(path, exc) from None
     try:
         tmp_model = tmp_dir / path.name
         if external_data:
@@ -159,7 +210,7 @@ def save_model(
         try:
             onnx.save_model(model, str(tmp_model))
         except OSError as exc:
-            raise OnnxlrError(f"cannot write {path}: {exc.strerror}") from None
+            raise _write_error(path, exc) from None
         if check:
             if external_data:
                 onnx.checker.check_model(str(tmp_model))
@@ -167,14 +218,51 @@ def save_model(
             else:
                 check_model(model)
         # Data file first: the model file only appears once everything it refers to is in place.
-        if (tmp_dir / data_name).exists():  # absent when no tensor was large enough to move out
-            os.replace(tmp_dir / data_name, folder / data_name)
-        os.replace(tmp_model, path)
+        moved_data = None
+        try:
+            if (tmp_dir / data_name).exists():  # absent when no tensor was large enough to move out
+                moved_data = folder / data_name
+                os.replace(tmp_dir / data_name, moved_data)
+            os.replace(tmp_model, path)
+        except OSError as exc:
+            if moved_data is not None and not path.exists():  # no model refers to it: do not leave it behind
+                moved_data.unlink(missing_ok=True)
+            raise _write_error(path, exc) from None
     finally:
-        for leftover in tmp_dir.iterdir():
-            leftover.unlink()
-        tmp_dir.rmdir()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+def _write_error(path: Path, exc: OSError) -> OnnxlrError:
+    """A one-line user error for a failed write (the caller has removed every partial file)."""
+    if exc.errno == errno.ENOSPC:
+        return OnnxlrError(f"no space left on the device holding {path.parent}; {path} not written")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OnnxlrError(f"cannot write {path}: {exc.strerror} (output folder not writable?)")
+    return OnnxlrError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def check_writable_folder(path: str | os.PathLike) -> None:
+    """Fail early, before any slow work, when ``path``'s folder is missing or cannot take a new file.
+
+    Creates and removes one empty temporary file there (``os.access`` is not enough: root passes it
+    on a read-only file system)."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxlrError(f"output folder does not exist: {folder}")
+    if path.is_dir():
+        raise OnnxlrError(f"output path is a folder: {path}")
+    if not os.access(folder, os.W_OK):
+        raise OnnxlrError(f"output folder is not writable: {folder}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise OnnxlrError(f"no space left on the device holding {folder}") from None
+        raise OnnxlrError(f"output folder is not writable: {folder} ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

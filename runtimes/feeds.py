@@ -116,7 +116,56 @@ def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: st
             if isinstance(want, int) and got != want:
                 raise OnnxlrError(f"{source}: input {name!r} has size {got} on axis {axis}, the model expects {want}")
         if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
-            raise OnnxlrError(f"{source}: input {name!r} contains NaN or Inf")
+            raise OnnxlrError(f"{source}: input {name!r} contains NaN or Inf: {_non_finite(value)}")
+
+
+def _non_finite(value: np.ndarray) -> str:
+    """``"3 of 128 values are not finite (2 NaN, 1 Inf)"``."""
+    nan = int(np.count_nonzero(np.isnan(value)))
+    inf = int(np.count_nonzero(np.isinf(value)))
+    return f"{nan + inf} of {value.size} values are not finite ({nan} NaN, {inf} Inf)"
+
+
+def check_original_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: str,
+                           threads: int | None = None, batch_size: int = 8) -> None:
+    """Run ``model`` on CPU over ``feeds`` (in batches of ``batch_size`` along axis 0) and raise
+    OnnxlrError when it cannot run in this ONNX Runtime (an opset or IR version it does not take, …),
+    or when an output holds NaN or Inf: the original is then broken on these inputs and no comparison
+    against it means anything. Meant to run before any rewriting; ``source`` says where the inputs
+    came from."""
+    import onnxruntime as ort
+
+    from onnxlr.runtimes.runner import batches
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        counts = {name: [0, 0, 0] for name in names}  # output -> [NaN, Inf, values] over all batches
+        for batch in batches(feeds, batch_size):
+            for name, value in zip(names, session.run(None, batch)):
+                value = np.asarray(value)
+                counts[name][2] += value.size
+                if np.issubdtype(value.dtype, np.floating):
+                    counts[name][0] += int(np.count_nonzero(np.isnan(value)))
+                    counts[name][1] += int(np.count_nonzero(np.isinf(value)))
+    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, …)
+        detail = _ORT_PREFIX.sub("", " ".join(str(exc).split()))
+        raise OnnxlrError(f"the original model cannot run in ONNX Runtime {ort.__version__} on {source}: "
+                          f"{detail[:300]}") from None
+    bad = [(name, c) for name, c in counts.items() if c[0] or c[1]]
+    if bad:
+        name, (nan, inf, size) = bad[0]
+        raise OnnxlrError(f"the original model produces NaN/Inf in output {name!r} on {source} "
+                          f"({nan + inf} of {size} values are not finite: {nan} NaN, {inf} Inf); "
+                          f"fix the model or the inputs before compressing it")
+
+
+# "[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/…/file.cc:123 void ns::Function(args…) " before the message
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (\S+:\d+ [^(]*\([^)]*\) )?")
 
 
 def load_npz(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -133,7 +182,9 @@ def load_npz(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.nd
         if "pickle" in str(exc):
             raise OnnxlrError(f"{path} holds object arrays (pickles), which are not loaded") from None
         raise OnnxlrError(f"{path} is not a readable .npz file ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+    # NotImplementedError / RuntimeError: zip features zipfile refuses (newer versions, unknown
+    # compression, patched or encrypted entries)
+    except (OSError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
         raise OnnxlrError(f"{path} is not a readable .npz file ({type(exc).__name__})") from None
     check_feeds(model, feeds, str(path))
     return feeds
