@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned inside the [models] extra, in this same command, so pip takes the CPU wheel.
 	$(PY) -m pip install -q -e '.[models,dev]'
+	# Pretrained graphs for the coverage tests, read as files from the wheels (never imported):
+	# --no-deps, since rapidocr-onnxruntime would pull opencv-python over opencv-python-headless.
+	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3
 	touch $@
 
 demo: $(VENV)/.installed

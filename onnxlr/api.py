@@ -259,7 +259,7 @@ def input_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) 
     dims = dict(dims or {})
     for value in fixed.graph.input:
         for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            if not dim.HasField("dim_value"):
+            if not dim.HasField("dim_value") or dim.dim_value < 0:  # -1: a free axis (paddle2onnx)
                 if dim.dim_param in dims:
                     dim.dim_value = dims[dim.dim_param]
                 elif axis == 0:
@@ -380,7 +380,7 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
         ranks = {k: v for k, v in ranks.items() if k not in names}
     if conv != "none" and conv not in ("auto", *DECOMPOSITIONS):
         raise OnnxlrError(f"unknown conv decomposition {conv!r} (choose from auto, {', '.join(DECOMPOSITIONS)}, none)")
-    convs = find_convs(work_graph)[0] if conv != "none" and (target is None or conv_ratio) else []
+    convs, conv_skipped = find_convs(work_graph) if conv != "none" and (target is None or conv_ratio) else ([], [])
     conv_ranks = {k: v for k, v in ranks.items() if k in _conv_names(convs)}
     ranks = {k: v for k, v in ranks.items() if k not in conv_ranks}
     config = FactorizeMatMulConfig(method=method, rank_ratio=rank_ratio, energy=energy, param_budget=param_budget,
@@ -424,7 +424,7 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
         passes = [FactorizeMatMulSequential(config, collect, sensitivity)]
     else:
         passes = [FactorizeMatMul(config, stats, sensitivity, cache=cache)]
-    if convs:
+    if convs or conv_skipped:  # the pass also reports the convs it cannot factorize, and why
         guard = None
         if latency_guard:
             guard = LatencyGuard(input_shapes(work, dims), provider=parse_providers(providers)[0],

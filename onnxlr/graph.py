@@ -39,9 +39,28 @@ def hoist_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def overridable_initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers also listed as graph inputs, from IR 4 on: only default values the caller may
+    feed over, so not constants. (Before IR 4 every initializer had to be listed: there it means nothing.)"""
+    if model.ir_version < 4:
+        return {}
+    listed = {value.name for value in model.graph.input}
+    return {t.name: t for t in model.graph.initializer if t.name in listed}
+
+
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import ``model`` into onnx-graphsurgeon, with Constant nodes hoisted to initializers."""
-    return gs.import_onnx(hoist_constant_nodes(model))
+    """Import ``model`` into onnx-graphsurgeon, with Constant nodes hoisted to initializers.
+
+    An overridable initializer (:func:`overridable_initializers`) is imported as the graph input it
+    is — a ``gs.Variable``, which no pass takes for a constant weight; :func:`export_model` puts its
+    default value back (onnx-graphsurgeon alone would drop the input and keep only the constant)."""
+    hoisted = hoist_constant_nodes(model)
+    overridable = overridable_initializers(hoisted)
+    if overridable:
+        kept = [t for t in hoisted.graph.initializer if t.name not in overridable]
+        del hoisted.graph.initializer[:]
+        hoisted.graph.initializer.extend(kept)
+    return gs.import_onnx(hoisted)
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
@@ -54,6 +73,11 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.doc_string = template.doc_string
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
+    # default values of overridable inputs (see import_graph), for the inputs still there
+    defaults = overridable_initializers(template)
+    stored = {t.name for t in model.graph.initializer}
+    model.graph.initializer.extend(defaults[value.name] for value in model.graph.input
+                                   if value.name in defaults and value.name not in stored)
     if model.ir_version < 4:
         # Before IR 4 every initializer must also be a graph input (e.g. the opset-9 model zoo graphs).
         listed = {value.name for value in model.graph.input}
@@ -83,12 +107,49 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
 
 
 def consumer_counts(graph: gs.Graph) -> Counter:
-    """How many node inputs read each tensor name (a weight read twice is shared)."""
+    """How many node inputs read each tensor name (a weight read twice is shared), the nodes of
+    subgraphs included (they may read a tensor of the outer graph)."""
     counts: Counter = Counter()
-    for node in graph.nodes:
+    for node in [*graph.nodes, *(inner for inner, _ in subgraph_nodes(graph))]:
         for tensor in node.inputs:
             counts[tensor.name] += 1
     return counts
+
+
+def subgraph_nodes(graph: gs.Graph):
+    """``(node, owner)`` for every node inside a subgraph of ``graph`` (If branches, Loop and Scan
+    bodies, at any depth); ``owner`` is the node of ``graph`` that holds it. The passes rewrite the
+    top-level graph only: these nodes are reported, and what they read from the outer scope is kept."""
+    def walk(node):
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, gs.Graph):
+                    for inner in sub.nodes:
+                        yield inner
+                        yield from walk(inner)
+
+    for owner in graph.nodes:
+        for inner in walk(owner):
+            yield inner, owner
+
+
+def subgraph_readers(graph: gs.Graph) -> dict[str, gs.Node]:
+    """Tensor name -> the top-level node whose subgraph reads it (outer-scope references among them)."""
+    readers: dict[str, gs.Node] = {}
+    for inner, owner in subgraph_nodes(graph):
+        for tensor in inner.inputs:
+            readers.setdefault(tensor.name, owner)
+    return readers
+
+
+def in_subgraph_reason(inner: gs.Node, owner: gs.Node) -> str:
+    return (f"inside a subgraph of {owner.op} node {owner.name!r}: layers in If/Loop/Scan subgraphs are not "
+            f"rewritten")
+
+
+def read_in_subgraph_reason(name: str, owner: gs.Node) -> str:
+    return (f"weight {name!r} is also read inside a subgraph of {owner.op} node {owner.name!r}; factorizing "
+            f"would keep the dense copy")
 
 
 def unique_name(graph: gs.Graph, base: str) -> str:

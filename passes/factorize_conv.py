@@ -20,8 +20,9 @@ statistics every decomposition is data-aware: channel SVD whitens by the patch G
 objective), spatial SVD by the Gram of vertical patches, Tucker-2 by the input channel Gram — both
 derived from the patch Gram.
 
-Not rewritten (skipped with the reason): grouped and depthwise convs, non-constant or non-float weights,
-3-D and higher kernels, ConvTranspose; a candidate whose rank would not save parameters (unless
+Not rewritten (skipped with the reason): grouped and depthwise convs, non-constant, non-float or bfloat16
+weights, 3-D and higher kernels, ConvTranspose, convs inside If/Loop/Scan subgraphs and weights also
+read there; a candidate whose rank would not save parameters (unless
 ``force``); with the latency guard, a candidate that is not faster than the original conv when
 measured in ONNX Runtime at the layer's real input shape (``runtimes.latency_guard``).
 """
@@ -38,7 +39,8 @@ import onnx_graphsurgeon as gs
 from onnxlr import conv_factors as cf
 from onnxlr import linalg
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import unique_name
+from onnxlr.graph import (in_subgraph_reason, read_in_subgraph_reason, subgraph_nodes, subgraph_readers,
+                          unique_name)
 from onnxlr.pipeline import LayerChange, PassRecord, config_dict
 from onnxlr.runtimes.stats import TensorStats
 
@@ -106,6 +108,8 @@ def match_conv(node: gs.Node) -> ConvLayer | str:
     if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
         return "weight is not a constant"
     W = np.asarray(node.inputs[1].values)
+    if W.dtype.name == "bfloat16":
+        return "weight dtype bfloat16 is not factorized (no NumPy bfloat16 to store the factors in)"
     if not np.issubdtype(W.dtype, np.floating):
         return f"weight dtype {W.dtype} is not floating point"
     if W.ndim not in (3, 4):
@@ -127,6 +131,7 @@ def find_convs(graph: gs.Graph) -> tuple[list[ConvLayer], list[LayerChange]]:
     for node in graph.nodes:
         for t in node.inputs:
             readers[t.name] = readers.get(t.name, 0) + 1
+    inner = subgraph_readers(graph)
     layers, skipped = [], []
     for node in graph.nodes:
         if node.op not in ("Conv", "ConvTranspose") or node.domain not in ("", "ai.onnx", None):
@@ -134,10 +139,15 @@ def find_convs(graph: gs.Graph) -> tuple[list[ConvLayer], list[LayerChange]]:
         found = match_conv(node)
         if isinstance(found, ConvLayer) and readers[found.weight.name] > 1:
             found = f"weight {found.weight.name!r} is shared with another node"
+        elif isinstance(found, ConvLayer) and found.weight.name in inner:
+            found = read_in_subgraph_reason(found.weight.name, inner[found.weight.name])
         if isinstance(found, ConvLayer):
             layers.append(found)
         else:
             skipped.append(LayerChange(node.name, node.op, "skipped", found))
+    for node, owner in subgraph_nodes(graph):
+        if node.op in ("Conv", "ConvTranspose"):
+            skipped.append(LayerChange(node.name, node.op, "skipped", in_subgraph_reason(node, owner)))
     return layers, skipped
 
 

@@ -33,8 +33,11 @@ After a data-aware factorization, ``B`` is refitted in closed form to the layer'
 (``bias_correction``): into Gemm's C or the constant bias Add that follows a MatMul, or a new Add.
 
 Pattern: ``MatMul(X, W)`` with ``W`` a 2-D float constant; ``Gemm`` with a 2-D float constant ``B``.
-Check (reasons when not): the weight is not constant, is the first operand, is not 2-D or not float,
-is also read by an op this pass does not rewrite, or the chosen rank would not save parameters.
+Check (reasons when not): the weight is not constant (an initializer also listed as a graph input is
+overridable, so not constant: :func:`onnxlr.graph.import_graph`), is the first operand, is not 2-D or
+not float (float16 is factorized in float64 math and stored as float16; bfloat16 is skipped), is also
+read by an op this pass does not rewrite or inside an If/Loop/Scan subgraph, or the chosen rank would
+not save parameters. MatMul/Gemm nodes inside subgraphs are reported, not rewritten.
 Rewrite: the original node becomes the second factor (it keeps its name and output); a new node
 ``<node>/lr_A`` computes the first. Factors are named ``<weight>/lr_A`` and ``<weight>/lr_B``; a weight
 shared by several nodes is factorized once and its factors are shared too.
@@ -53,13 +56,17 @@ from tqdm import tqdm
 from onnxlr import linalg
 from onnxlr.allocation import allocate_ranks
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import add_after, consumer_counts, unique_name
+from onnxlr.graph import (add_after, consumer_counts, in_subgraph_reason, read_in_subgraph_reason, subgraph_nodes,
+                          subgraph_readers, unique_name)
 from onnxlr.pipeline import LayerChange, PassRecord, config_dict
 from onnxlr.runtimes.stats import CrossStats, TensorStats
 
 FACTORIZABLE_OPS = ("MatMul", "Gemm")
 METHODS = ("svd", "whitened", "fisher", "asvd", "isvt")
 DATA_AWARE = ("whitened", "fisher", "asvd", "isvt")
+# float16 weights are factorized in float64 math and their factors stored as float16 again; bfloat16
+# has no native NumPy type onnx-graphsurgeon can export factors in.
+BFLOAT16_REASON = "weight dtype bfloat16 is not factorized (no NumPy bfloat16 to store the factors in)"
 
 
 @dataclass
@@ -133,6 +140,8 @@ def match_layer(node: gs.Node) -> Layer | str:
     values = np.asarray(weight.values)
     if values.ndim != 2:
         return f"weight is {values.ndim}-D with shape {list(values.shape)}; only 2-D weights are factorized"
+    if values.dtype.name == "bfloat16":
+        return BFLOAT16_REASON
     if not np.issubdtype(values.dtype, np.floating):
         return f"weight dtype {values.dtype} is not floating point"
     layer = Layer(node=node, weight=weight, W=values)
@@ -147,6 +156,7 @@ def find_layers(graph: gs.Graph) -> tuple[list[Layer], list[LayerChange]]:
     for node in graph.nodes:
         for tensor in node.inputs:
             readers[tensor.name].append(node)
+    inner = subgraph_readers(graph)
     layers, skipped = [], []
     for node in graph.nodes:
         if node.op not in FACTORIZABLE_OPS or node.domain not in ("", "ai.onnx", None):
@@ -154,7 +164,9 @@ def find_layers(graph: gs.Graph) -> tuple[list[Layer], list[LayerChange]]:
         found = match_layer(node)
         if isinstance(found, Layer):
             others = [r for r in readers[found.weight.name] if not _reads_as_weight(r, found.weight)]
-            if others:
+            if found.weight.name in inner:
+                found = read_in_subgraph_reason(found.weight.name, inner[found.weight.name])
+            elif others:
                 found = (
                     f"weight {found.weight.name!r} is also read by {others[0].op} node "
                     f"{others[0].name!r}; factorizing would keep the dense copy"
@@ -163,6 +175,9 @@ def find_layers(graph: gs.Graph) -> tuple[list[Layer], list[LayerChange]]:
             layers.append(found)
         else:
             skipped.append(LayerChange(node.name, node.op, "skipped", found))
+    for node, owner in subgraph_nodes(graph):
+        if node.op in FACTORIZABLE_OPS:
+            skipped.append(LayerChange(node.name, node.op, "skipped", in_subgraph_reason(node, owner)))
     return layers, skipped
 
 
@@ -435,6 +450,8 @@ class FactorizeMatMul:
         if node.op == "Gemm":
             first.attrs = {"alpha": float(node.attrs.get("alpha", 1.0)),
                            "transA": int(node.attrs.get("transA", 0))}
+            if graph.opset < 11:  # C became optional in Gemm-11; before, the first factor needs a zero one
+                first.inputs.append(gs.Constant(unique_name(graph, f"{label}/lr_zero"), np.zeros(1, layer.W.dtype)))
             node.attrs = {"beta": float(node.attrs.get("beta", 1.0))}
         node.inputs[0] = hidden
         node.inputs[1] = B

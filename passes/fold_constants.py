@@ -34,8 +34,10 @@ class FoldConstants:
         record = PassRecord(self.name, config_dict(self.config))
         before = {id(node): node for node in graph.nodes}
         _fold_dequantized_constants(graph)
+        # flatten_subgraphs=False: onnx-graphsurgeon's inlining of an If with a constant condition
+        # drops branch nodes that read another branch output (the affine_grid node tests)
         graph.fold_constants(fold_shapes=False, size_threshold=self.config.size_threshold,
-                             error_ok=True).cleanup()
+                             error_ok=True, flatten_subgraphs=False).cleanup()
         kept = {id(node) for node in graph.nodes}
         for key, node in before.items():
             if key not in kept:

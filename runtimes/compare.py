@@ -52,7 +52,8 @@ def compare(name: str, reference: np.ndarray, output: np.ndarray) -> OutputCompa
     else:
         rel = 0.0 if not diff.any() else float("inf")
     cosine = float(_cosine(ref.reshape(1, -1), out.reshape(1, -1))[0])
-    rows = ref.reshape(ref.shape[0], -1) if ref.ndim >= 2 else ref.reshape(1, -1)
+    # per sample (axis 0); an empty output ([0, 8], [3, 0]) agrees trivially (reshape(0, -1) is ambiguous)
+    rows = ref.reshape(ref.shape[0], -1) if ref.ndim >= 2 and ref.size else ref.reshape(1, -1)
     cosine_min = float(_cosine(rows, out.reshape(rows.shape)).min()) if rows.size else 1.0
     # rows along the last axis (a scalar is one row of one); an empty output agrees trivially
     last = ref.reshape(-1, ref.shape[-1]) if ref.ndim and ref.size else ref.reshape(1, -1)

@@ -39,7 +39,8 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         shape = []
         for dim in tensor_type.shape.dim:
-            if dim.HasField("dim_value"):
+            # a negative dim_value (paddle2onnx writes -1 for a free batch axis) is no fixed size
+            if dim.HasField("dim_value") and dim.dim_value >= 0:
                 shape.append(int(dim.dim_value))
             else:
                 shape.append(dim.dim_param or None)

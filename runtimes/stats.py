@@ -438,7 +438,7 @@ def _cost(type_proto: onnx.TypeProto | None, sizes: Mapping[str, int], table: in
         if tensor_type.HasField("shape"):
             dims = []
             for dim in tensor_type.shape.dim:
-                if dim.HasField("dim_value"):
+                if dim.HasField("dim_value") and dim.dim_value >= 0:  # -1: a free axis (paddle2onnx)
                     dims.append(int(dim.dim_value))
                 else:
                     dims.append(sizes.get(dim.dim_param) if dim.dim_param else None)
