@@ -384,3 +384,22 @@ def test_write_refuses_to_overwrite_source(mlp_path, mlp_proto):
     with pytest.raises(OnnxlrError, match="is the input model"):
         onnxlr.write(mlp_proto, mlp_path, source=mlp_path)
     assert _sha256(mlp_path) == before
+
+
+def test_models_above_the_protobuf_limit_take_the_external_data_path(tmp_path, tiny_mlp_external, monkeypatch,
+                                                                     capsys):
+    """Above 2 GB (the limit lowered here to a few bytes, so the path runs on a tiny model) the input
+    is checked by path, not in memory, and the output is written with external data unasked."""
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 64)
+    checked = []
+    real = onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: (checked.append(type(m)), real(m, *a, **k))[1])
+    (tmp_path / "in").mkdir()
+    src = tiny_mlp_external(tmp_path / "in" / "big.onnx")
+    before = {p.name: p.read_bytes() for p in src.parent.iterdir()}
+    out = tmp_path / "small.onnx"
+    assert main(["optimize", str(src), "-o", str(out), "--rank-ratio", "0.5", "--repeats", "1"]) == 0
+    assert str in checked  # the input was checked by path
+    assert (tmp_path / "small.onnx.data").is_file() and _external_names(out)
+    assert {p.name: p.read_bytes() for p in src.parent.iterdir()} == before
+    assert io.load_model(out).graph.node
