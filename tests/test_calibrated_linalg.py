@@ -362,7 +362,11 @@ def test_output_weighted_whitened_svd_is_exact_at_full_rank_and_optimal(seed, da
     lam, Q = linalg.clamped_eigh(G)
     clamped = np.linalg.norm(np.sqrt(lam)[:, None] * (Q.T @ (W - A @ B)) * d)
     assert clamped == pytest.approx(np.sqrt(np.sum(fit.s[r:] ** 2)), rel=1e-7, abs=1e-8)
-    assert weighted == pytest.approx(clamped, rel=1e-4, abs=1e-8)
+    # the raw Gram agrees with the clamped one only when the floor clamps (almost) nothing: seed 229,
+    # a near-singular mixing matrix, leaves eigenvalues under it and the two errors part by 0.3%
+    raw = np.linalg.eigvalsh(G)
+    if raw.min() > 1e-5 * raw.max():  # ten times the floor
+        assert weighted == pytest.approx(clamped, rel=1e-4, abs=1e-8)
     # ... and no worse than the unweighted whitened factors measured the same way
     A0, B0 = linalg.whitened_svd(W, G, r)
     assert weighted <= np.linalg.norm(X @ (W - A0 @ B0) * d) * (1 + 1e-6) + 1e-9
