@@ -805,7 +805,20 @@ def inspect(model: ModelLike, *, dims: Mapping[str, int] | None = None) -> list[
 
 def write(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None,
           external_data: bool | None = None) -> Path:
-    """Write ``model`` atomically after checking it; refuses to overwrite ``source``."""
-    if source is not None and Path(path).resolve() == Path(source).resolve():
-        raise OnnxlrError(f"output path {path} is the input model; choose another path")
+    """Write ``model`` atomically after checking it; refuses to overwrite ``source`` or its external
+    data files (:func:`check_output_path`)."""
+    if source is not None:
+        check_output_path(path, source)
     return io.save_model(model, path, external_data=external_data)
+
+
+def check_output_path(path: str | os.PathLike, source: str | os.PathLike) -> None:
+    """OnnxlrError when writing ``path`` (or its ``<name>.data``) would overwrite the model ``source``
+    or an external data file it reads: same path, symlink, hard link or ``..`` spelling."""
+    for target in (Path(path), Path(f"{path}.data")):
+        for used in io.files_of(source):
+            if target.resolve() == used.resolve() or target.exists() and os.path.samefile(target, used):
+                if used == Path(source):
+                    raise OnnxlrError(f"output path {path} is the input model; choose another path")
+                raise OnnxlrError(f"writing {path} would overwrite the input's external data {used.name}; "
+                                  "choose another path")

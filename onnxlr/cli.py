@@ -220,6 +220,8 @@ def _emit(report, args) -> None:
 def cmd_optimize(args) -> int:
     if _same_file(args.output, args.model):
         raise OnnxlrError(f"output path {args.output} is the input model; choose another path")
+    if Path(args.model).is_file():
+        api.check_output_path(args.output, args.model)  # the input's external data, before the slow work
     for name in ("threads", "batch_size", "repeats", "rank_multiple"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise OnnxlrError(f"--{name.replace('_', '-')} must be at least 1")

@@ -102,6 +102,17 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def files_of(path: str | os.PathLike) -> list[Path]:
+    """The model file and the external data files it names (existing ones), for overwrite checks."""
+    path = Path(path)
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a readable model: only the file itself is at stake
+        return [path]
+    locations = {entry.value for t in iter_tensors(model.graph) for entry in t.external_data if entry.key == "location"}
+    return [path, *(path.parent / loc for loc in sorted(locations) if (path.parent / loc).is_file())]
+
+
 def check_input(model: onnx.ModelProto, path: Path) -> None:
     """Refuse a model that is not valid ONNX (the checks every output must pass) as a user error,
     before onnxlr rewrites it and the output check blames onnxlr: strings that are not UTF-8,

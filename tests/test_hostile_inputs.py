@@ -417,3 +417,18 @@ def test_nan_model_may_still_be_compressed_without_validation(capsys, tmp_path, 
     path = _nan_model(tmp_path / "broken.onnx", build_mlp)
     assert main(["optimize", str(path), "-o", str(tmp_path / "out.onnx"), "--no-validate"]) == 0
     assert (tmp_path / "out.onnx").is_file()
+
+
+def test_output_over_the_inputs_external_data_is_refused(capsys, tmp_path, tiny_mlp_external):
+    """``-o ext.onnx.data`` (the input's weights) or an output whose own .data file is the input's."""
+    from onnxlr.cli import main
+
+    src = tiny_mlp_external(tmp_path / "ext.onnx")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "ext.onnx.data").symlink_to(tmp_path / "ext.onnx.data")
+    for out in (tmp_path / "ext.onnx.data", tmp_path / "other" / "ext.onnx"):
+        assert main(["optimize", str(src), "-o", str(out), "--rank-ratio", "0.5", "--external-data"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "would overwrite the input's external data ext.onnx.data" in err[0]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
