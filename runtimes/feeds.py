@@ -131,32 +131,42 @@ def check_original_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
                            threads: int | None = None, batch_size: int = 8) -> None:
     """Run ``model`` on CPU over ``feeds`` (in batches of ``batch_size`` along axis 0) and raise
     OnnxlrError when it cannot run in this ONNX Runtime (an opset or IR version it does not take, …),
-    or when an output holds NaN or Inf: the original is then broken on these inputs and no comparison
-    against it means anything. Meant to run before any rewriting; ``source`` says where the inputs
-    came from."""
+    or when an output holds NaN or Inf (:func:`check_finite_outputs`). Meant to run before any
+    rewriting; ``source`` says where the inputs came from."""
     import onnxruntime as ort
 
+    from onnxlr.runtimes.providers import default_threads, make_session
     from onnxlr.runtimes.runner import batches
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = make_session(model.SerializeToString(), "CPUExecutionProvider", threads or default_threads())
         names = [o.name for o in session.get_outputs()]
         counts = {name: [0, 0, 0] for name in names}  # output -> [NaN, Inf, values] over all batches
         for batch in batches(feeds, batch_size):
             for name, value in zip(names, session.run(None, batch)):
-                value = np.asarray(value)
-                counts[name][2] += value.size
-                if np.issubdtype(value.dtype, np.floating):
-                    counts[name][0] += int(np.count_nonzero(np.isnan(value)))
-                    counts[name][1] += int(np.count_nonzero(np.isinf(value)))
+                counts[name] = [t + c for t, c in zip(counts[name], _nonfinite(value))]
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, …)
         detail = _ORT_PREFIX.sub("", " ".join(str(exc).split()))
         raise OnnxlrError(f"the original model cannot run in ONNX Runtime {ort.__version__} on {source}: "
                           f"{detail[:300]}") from None
+    _raise_if_nonfinite(counts, source)
+
+
+def check_finite_outputs(outputs: dict[str, np.ndarray], source: str) -> None:
+    """Raise OnnxlrError when an output of the original model holds NaN or Inf: the original is then
+    broken on these inputs and no comparison against it means anything."""
+    _raise_if_nonfinite({name: _nonfinite(value) for name, value in outputs.items()}, source)
+
+
+def _nonfinite(value) -> list[int]:
+    """[NaN count, Inf count, size] of one output."""
+    value = np.asarray(value)
+    if not np.issubdtype(value.dtype, np.floating):
+        return [0, 0, value.size]
+    return [int(np.count_nonzero(np.isnan(value))), int(np.count_nonzero(np.isinf(value))), value.size]
+
+
+def _raise_if_nonfinite(counts: dict[str, list[int]], source: str) -> None:
     bad = [(name, c) for name, c in counts.items() if c[0] or c[1]]
     if bad:
         name, (nan, inf, size) = bad[0]

@@ -19,6 +19,7 @@ from onnxlr.runtimes import compare as cmp
 from onnxlr.runtimes import fusions, mobile, profiling
 from onnxlr.runtimes import latency as lat
 from onnxlr.runtimes.devices import Device
+from onnxlr.runtimes.feeds import check_finite_outputs
 from onnxlr.runtimes.providers import ALL, not_in_build, parse_provider_specs
 from onnxlr.runtimes.runner import batches
 
@@ -94,6 +95,8 @@ def validate_models(
         response = device.run(models, feeds, providers=names, provider_options=options, threads=threads,
                               batch_size=batch_size, warmup=warmup, repeats=repeats, profile_runs=profile_runs)
         for raw in response["results"]:
+            if device.is_local and raw["provider"] == "CPUExecutionProvider" and "original" in raw["models"]:
+                check_finite_outputs(raw["models"]["original"]["outputs"], inputs_label or "these inputs")
             result = _provider_result(raw, device, response["onnxruntime"])
             if result.profile:
                 warning = profiling.fallback_warning(result.profile, f"{result.provider} ({device.label})")
