@@ -814,7 +814,7 @@ def check_output_path(path: str | os.PathLike, source: str | os.PathLike) -> Non
     or an external data file it reads: same path, symlink, hard link or ``..`` spelling."""
     for target in (Path(path), Path(f"{path}.data")):
         for used in io.files_of(source):
-            if target.resolve() == used.resolve() or target.exists() and os.path.samefile(target, used):
+            if target.resolve() == used.resolve() or target.exists() and used.exists() and os.path.samefile(target, used):
                 if used == Path(source):
                     raise OnnxlrError(f"output path {path} is the input model; choose another path")
                 raise OnnxlrError(f"writing {path} would overwrite the input's external data {used.name}; "

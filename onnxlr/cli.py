@@ -194,16 +194,6 @@ def _write_atomic(path: str, text: str) -> None:
         raise OnnxlrError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def _same_file(a: str, b: str) -> bool:
-    """Whether two paths name one file: same resolved path (symlinks, ``..``) or same inode (hard link)."""
-    if Path(a).resolve() == Path(b).resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist
-        return False
-
-
 def _emit(report, args) -> None:
     print(report.format())
     if getattr(args, "report", None):
@@ -218,10 +208,7 @@ def _emit(report, args) -> None:
 
 
 def cmd_optimize(args) -> int:
-    if _same_file(args.output, args.model):
-        raise OnnxlrError(f"output path {args.output} is the input model; choose another path")
-    if Path(args.model).is_file():
-        api.check_output_path(args.output, args.model)  # the input's external data, before the slow work
+    api.check_output_path(args.output, args.model)  # the input or its external data, before the slow work
     for name in ("threads", "batch_size", "repeats", "rank_multiple"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise OnnxlrError(f"--{name.replace('_', '-')} must be at least 1")

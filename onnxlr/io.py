@@ -195,13 +195,7 @@ def save_model(
     Returns the destination path.
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxlrError(f"output folder does not exist: {folder}")
-    if path.is_dir():
-        raise OnnxlrError(f"output path is a folder: {path}")
-    if not os.access(folder, os.W_OK):
-        raise OnnxlrError(f"output folder is not writable: {folder}")
+    folder = output_folder(path)
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     if external_data:  # the conversion below rewrites tensors in place: work on a copy
@@ -253,11 +247,9 @@ def _write_error(path: Path, exc: OSError) -> OnnxlrError:
     return OnnxlrError(f"cannot write {path}: {exc.strerror or exc}")
 
 
-def check_writable_folder(path: str | os.PathLike) -> None:
-    """Fail early, before any slow work, when ``path``'s folder is missing or cannot take a new file.
-
-    Creates and removes one empty temporary file there (``os.access`` is not enough: root passes it
-    on a read-only file system)."""
+def output_folder(path: str | os.PathLike) -> Path:
+    """The folder ``path`` will be written into; OnnxlrError if it is missing or not writable, or if
+    ``path`` is a folder itself."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -266,6 +258,16 @@ def check_writable_folder(path: str | os.PathLike) -> None:
         raise OnnxlrError(f"output path is a folder: {path}")
     if not os.access(folder, os.W_OK):
         raise OnnxlrError(f"output folder is not writable: {folder}")
+    return folder
+
+
+def check_writable_folder(path: str | os.PathLike) -> None:
+    """Fail early, before any slow work, when ``path``'s folder is missing or cannot take a new file.
+
+    Creates and removes one empty temporary file there (``os.access`` is not enough: root passes it
+    on a read-only file system)."""
+    path = Path(path)
+    folder = output_folder(path)
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
     except OSError as exc:

@@ -23,6 +23,7 @@ from onnxruntime.tools.mobile_helpers import usability_checker as checker
 from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo, make_input_shape_fixed, optimize_model
 
 from onnxlr.errors import OnnxlrError
+from onnxlr.io import output_folder
 from onnxlr.runtimes.feeds import synthetic_feeds
 
 # target name -> function(model with shape info, require fixed input shapes) -> PartitioningInfo
@@ -218,12 +219,7 @@ def convert_to_ort(model: onnx.ModelProto | bytes | str | os.PathLike, path: str
     a model ORT cannot convert or run gives ``ok=False`` and the reason.
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise OnnxlrError(f"output folder does not exist: {path.parent}")
-    if path.is_dir():
-        raise OnnxlrError(f"output path is a folder: {path}")
-    if not os.access(path.parent, os.W_OK):
-        raise OnnxlrError(f"output folder is not writable: {path.parent}")
+    output_folder(path)
     if isinstance(model, (str, os.PathLike)) and not Path(model).is_file():
         raise OnnxlrError(f"model file not found: {model}")
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else \
