@@ -520,34 +520,29 @@ def _npz_variant(data) -> bytes:
     return data.draw(mutated(MLP_NPZ), label="npz bytes")
 
 
+def _check_npz_option(blob: bytes, option: str, *extra: str) -> None:
+    """``optimize`` with ``blob`` as the .npz of ``option`` (``--calib`` / ``--inputs``): the CLI contract."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        model, npz, out_dir = folder / "model.onnx", folder / "data.npz", folder / "out"
+        out_dir.mkdir()
+        model.write_bytes(SEEDS["mlp"])
+        npz.write_bytes(blob)
+        output = out_dir / "small.onnx"
+        check_cli(folder, ["optimize", str(model), "-o", str(output), option, str(npz), *extra,
+                           "--rank-ratio", "0.5"], [model, npz], output)
+
+
 @FILE_FUZZ
 @given(data=st.data())
 def test_mutated_calibration_npz(data):
-    blob = _npz_variant(data)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        model, calib, out_dir = folder / "model.onnx", folder / "calib.npz", folder / "out"
-        out_dir.mkdir()
-        model.write_bytes(SEEDS["mlp"])
-        calib.write_bytes(blob)
-        output = out_dir / "small.onnx"
-        check_cli(folder, ["optimize", str(model), "-o", str(output), "--calib", str(calib), "--no-validate",
-                           "--rank-ratio", "0.5"], [model, calib], output)
+    _check_npz_option(_npz_variant(data), "--calib", "--no-validate")
 
 
 @FILE_FUZZ
 @given(data=st.data())
 def test_mutated_inputs_npz(data):
-    blob = _npz_variant(data)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        model, inputs, out_dir = folder / "model.onnx", folder / "inputs.npz", folder / "out"
-        out_dir.mkdir()
-        model.write_bytes(SEEDS["mlp"])
-        inputs.write_bytes(blob)
-        output = out_dir / "small.onnx"
-        check_cli(folder, ["optimize", str(model), "-o", str(output), "--inputs", str(inputs), "--repeats", "1",
-                           "--rank-ratio", "0.5"], [model, inputs], output)
+    _check_npz_option(_npz_variant(data), "--inputs", "--repeats", "1")
 
 
 # ================================================================================ regression repros
