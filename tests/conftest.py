@@ -191,3 +191,18 @@ def mnist_path(cache):
 def eval_feeds(text_paths):
     from onnxlr.models import text
     return text.load(text_paths[1])
+
+
+def user_error_line(capsys, argv) -> str:
+    """Run the CLI on ``argv`` and check it failed as a user error: exit 2, exactly one stderr line
+    ``onnxlr: error: …``, no traceback. Returns that line."""
+    from onnxlr.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("onnxlr: error: "), err
+    assert "Traceback" not in out + err
+    return lines[0]

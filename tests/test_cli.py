@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import user_error_line
 from onnxlr.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,20 +32,14 @@ def _usage_error(capsys, argv, *needles, folder: Path | None = None, output: Pat
     """Run the CLI and check it failed as a user error: exit 2, one stderr line naming the problem,
     no traceback, no output (and no temporary file) written."""
     before = sorted(p.name for p in folder.iterdir()) if folder else None
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("onnxlr: error: "), err
+    line = user_error_line(capsys, argv)
     for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert "Traceback" not in err + out
+        assert needle in line, (needle, line)
     if output is not None:
         assert not Path(output).exists()
     if folder is not None:
         assert sorted(p.name for p in folder.iterdir()) == before
-    return lines[0]
+    return line
 
 
 @pytest.fixture

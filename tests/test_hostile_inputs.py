@@ -19,6 +19,7 @@ import onnx
 import pytest
 from onnx import helper
 
+from conftest import user_error_line
 from onnxlr import api
 from onnxlr.cli import main
 
@@ -38,18 +39,12 @@ def _refused(capsys, argv, *needles, folder: Path, keep: tuple[Path, ...] = ()) 
     folder's files unchanged (no output, no temporary file) and every file in ``keep`` byte-identical."""
     before_tree = _tree(folder)
     before = {p: _sha256(p) for p in keep}
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("onnxlr: error: "), err
+    line = user_error_line(capsys, argv)
     for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert "Traceback" not in out + err
+        assert needle in line, (needle, line)
     assert _tree(folder) == before_tree
     assert {p: _sha256(p) for p in keep} == before
-    return lines[0]
+    return line
 
 
 # --------------------------------------------------------------------------------------------------
