@@ -95,8 +95,12 @@ def validate_models(
         response = device.run(models, feeds, providers=names, provider_options=options, threads=threads,
                               batch_size=batch_size, warmup=warmup, repeats=repeats, profile_runs=profile_runs)
         for raw in response["results"]:
-            if device.is_local and raw["provider"] == "CPUExecutionProvider" and "original" in raw["models"]:
-                check_finite_outputs(raw["models"]["original"]["outputs"], inputs_label or "these inputs")
+            if device.is_local and raw["provider"] == "CPUExecutionProvider":  # the reference run
+                if raw["failed"] == "original":
+                    raise OnnxlrError(f"the original model fails on CPUExecutionProvider with these inputs: "
+                                      f"{raw['reason']}")
+                if "original" in raw["models"]:
+                    check_finite_outputs(raw["models"]["original"]["outputs"], inputs_label or "these inputs")
             result = _provider_result(raw, device, response["onnxruntime"])
             if result.profile:
                 warning = profiling.fallback_warning(result.profile, f"{result.provider} ({device.label})")
@@ -106,10 +110,6 @@ def validate_models(
                 result.lost_fusions = fusions.lost_fusions(fusions.fused_op_counts(models["original"], threads),
                                                            fusions.fused_op_counts(models["optimized"], threads))
             results.append(result)
-    cpu = [r for r in results if r.provider == "CPUExecutionProvider" and r.device == "local"]
-    if cpu and cpu[0].reason.startswith("original model failed"):
-        raise OnnxlrError(f"the original model fails on CPUExecutionProvider with these inputs: "
-                          f"{cpu[0].reason.split(': ', 1)[1]}")
     checks = []
     if names == ALL or any(n in MOBILE_PROVIDERS for n in names):
         checks = mobile.compare_models(models["original"], models["optimized"],
