@@ -184,7 +184,7 @@ def run(models, feeds, providers=ALL, provider_options=None, threads=1, batch_si
                     # ONNX Runtime drops a provider it cannot create (bad option, missing device) and
                     # silently runs everything on the CPU: that is not a run on this provider.
                     raise RuntimeError(f"ONNX Runtime could not create {provider} with options "
-                                       f"{session_options(provider, result['options'], threads)} and fell back to CPU")
+                                       f"{result['options']} and fell back to CPU")
                 result["models"][label] = {"outputs": _run_all(sessions[label], feeds, batch_size)}
             except Exception as exc:  # ONNX Runtime raises its own exception types
                 result["failed"], result["reason"] = label, " ".join(str(exc).split())[:300]
