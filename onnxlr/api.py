@@ -180,9 +180,10 @@ def sample_inputs(model: onnx.ModelProto, inputs: InputsLike = None, dims: Mappi
     return feeds_mod.load_npz(inputs, model), str(inputs)
 
 
-def _validate(original: onnx.ModelProto, optimized: onnx.ModelProto, *, providers, devices, inputs, dims,
+def _validate(original: onnx.ModelProto, optimized: onnx.ModelProto, *, providers, devices, sampled,
               threads, batch_size, repeats):
-    feeds, label = sample_inputs(original, inputs, dims)
+    """``sampled``: ``(feeds, label)`` from :func:`sample_inputs`."""
+    feeds, label = sampled
     return validate_models(
         original.SerializeToString(), optimized.SerializeToString(), feeds,
         providers=providers, devices=parse_devices(devices), threads=threads or default_threads(),
@@ -664,9 +665,8 @@ def optimize(
         calib = list(calib)  # read more than once (statistics of every step): a one-shot iterator is kept
     original, path = _load(model)
     if validate:  # bad inputs, or an original that cannot run or gives NaN/Inf on them: fail before any rewrite
-        feeds, label = sample_inputs(original, inputs, dims)
-        feeds_mod.check_original_outputs(original, feeds, label, threads=threads, batch_size=batch_size)
-        del feeds
+        sampled = sample_inputs(original, inputs, dims)  # read once, used again by every validation below
+        feeds_mod.check_original_outputs(original, *sampled, threads=threads, batch_size=batch_size)
     arrived = import_graph(original)
     int8_weights = prequantized.weight_quantized_nodes(arrived)
     # Weights computed from constants (int8 QDQ weights among them) become float initializers first;
@@ -713,7 +713,7 @@ def optimize(
         report = Report(ModelSummary.of(original, path), ModelSummary.of(optimized), built, tolerance=tolerance)
         if validate:
             report.validation = _validate(original, optimized, providers=providers, devices=devices,
-                                          inputs=inputs, dims=dims,
+                                          sampled=sampled,
                                           threads=threads, batch_size=batch_size, repeats=repeats)
         return optimized, report
 
@@ -753,7 +753,8 @@ def validate(
     ref, ref_path = _load(original)
     opt, opt_path = _load(optimized)
     report = Report(ModelSummary.of(ref, ref_path), ModelSummary.of(opt, opt_path), tolerance=tolerance)
-    report.validation = _validate(ref, opt, providers=providers, devices=devices, inputs=inputs, dims=dims,
+    report.validation = _validate(ref, opt, providers=providers, devices=devices,
+                                  sampled=sample_inputs(ref, inputs, dims),
                                   threads=threads, batch_size=batch_size, repeats=repeats)
     return report
 
