@@ -211,7 +211,8 @@ class SearchLog:
     stopped_early: bool = False
 
 
-def evolutionary(costs: Sequence[np.ndarray], budget: float, fitness: Callable[[tuple[int, ...], Sequence[int]], float],
+def evolutionary(costs: Sequence[np.ndarray], budget: float,
+                 fitness: Callable[[list[tuple[tuple[int, ...], tuple[int, ...]]]], list[float]],
                  start: Sequence[int], n_batches: int, *, generations: int = 30, offspring: int = 8,
                  stages: Sequence[tuple[int, float]] = ((2, 0.25), (1, 1.0)), max_mutations: int = 3,
                  steps: Sequence[int] | None = None, patience: int = 8, seed: int = 0,
@@ -225,8 +226,10 @@ def evolutionary(costs: Sequence[np.ndarray], budget: float, fitness: Callable[[
     are then selected in ``stages`` ``(survivors, share of the batches)``: each stage scores the
     remaining candidates on a fresh random subset of that share of the ``n_batches`` calibration
     batches and keeps the best ``survivors``; the parent joins the last stage (elitism), whose subset
-    is every batch when its share is 1, so the parent's fitness never gets worse. ``fitness(picks,
-    batch_ids)`` is the end-to-end divergence of a candidate (lower is better). Stops after
+    is every batch when its share is 1, so the parent's fitness never gets worse. ``fitness`` takes a
+    list of ``(picks, batch_ids)`` and returns the end-to-end divergence of each (lower is better):
+    the candidates of one selection stage come in one call, so an executor can score them side by
+    side (:mod:`onnxlr.executors`). Stops after
     ``patience`` generations without improvement. Deterministic for a given ``seed``.
 
     Returns the best picks found and a :class:`SearchLog`.
@@ -237,13 +240,16 @@ def evolutionary(costs: Sequence[np.ndarray], budget: float, fitness: Callable[[
     memo: dict[tuple, float] = {}
     everything = tuple(range(n_batches))
 
+    def score_all(pending: Sequence[tuple[int, ...]], ids: Sequence[int]) -> None:
+        todo = [key for key in dict.fromkeys((picks, tuple(ids)) for picks in pending) if key not in memo]
+        if todo:
+            memo.update(zip(todo, fitness(todo)))
+            log.evaluations += len(todo)
+            log.batch_runs += len(ids) * len(todo)
+
     def score(picks: tuple[int, ...], ids: Sequence[int]) -> float:
-        key = (picks, tuple(ids))
-        if key not in memo:
-            memo[key] = fitness(picks, ids)
-            log.evaluations += 1
-            log.batch_runs += len(ids)
-        return memo[key]
+        score_all([picks], ids)
+        return memo[(picks, tuple(ids))]
 
     def subset(share: float) -> tuple[int, ...]:
         if share >= 1.0:
@@ -293,6 +299,7 @@ def evolutionary(costs: Sequence[np.ndarray], budget: float, fitness: Callable[[
             ids = final_ids if last else subset(share)
             if last:
                 survivors = [*survivors, parent]
+            score_all(survivors, ids)
             survivors = sorted(survivors, key=lambda c: score(c, ids))[:keep]
         log.generations += 1
         winner = survivors[0]

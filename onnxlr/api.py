@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -16,7 +17,8 @@ import onnx_graphsurgeon as gs
 from onnxlr import rank_search
 from onnxlr import io, linalg, prequantized
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import count_parameters, import_graph, truncated
+from onnxlr.executors import make_executor
+from onnxlr.graph import count_parameters, import_graph, spilling, truncated
 from onnxlr.macs import count_macs
 from onnxlr.calibration import calibration_batches, find_mask_input
 from onnxlr import conv_factors
@@ -52,11 +54,12 @@ DEFAULT_RANK_RATIO = 0.5
 DEFAULT_CONV_RATIO = 0.5
 
 
-def _load(model: ModelLike) -> tuple[onnx.ModelProto, str]:
+def _load(model: ModelLike, *, mapped: bool = False) -> tuple[onnx.ModelProto, str]:
+    """The model and its path; ``mapped``: a file with external data stays in its files (io.load_model)."""
     if isinstance(model, onnx.ModelProto):
         io.check_versions(model)
         return model, ""
-    return io.load_model(model), str(model)
+    return io.load_model(model, mapped=mapped), str(model)
 
 
 def parse_tolerance(spec: float | str | Tolerance | None) -> Tolerance | None:
@@ -318,7 +321,8 @@ def search_space(model: onnx.ModelProto, config: FactorizeMatMulConfig, stats, s
 
 def choose_allocation(model: onnx.ModelProto, config: FactorizeMatMulConfig, stats, sensitivity,
                       calib: CalibLike, *, allocator: str = "auto", seed: int = 0,
-                      space: rank_search.SearchSpace | None = None, **space_options) -> dict[str, Any]:
+                      space: rank_search.SearchSpace | None = None, executor=None,
+                      **space_options) -> dict[str, Any]:
     """Ranks for ``config.param_budget`` chosen by ``allocator`` over ``space`` (built by
     :func:`search_space` with ``space_options`` when not given). Returns ``{"ranks": {weight name:
     rank, 0 = dense}, "allocator": the one kept, "record": the report's record of the search,
@@ -328,7 +332,7 @@ def choose_allocation(model: onnx.ModelProto, config: FactorizeMatMulConfig, sta
     if isinstance(calib, Iterator):
         calib = list(calib)
     space = space or search_space(model, config, stats, sensitivity, calib, **space_options)
-    result = space.search(config.param_budget, allocator, seed=seed)
+    result = space.search(config.param_budget, allocator, seed=seed, executor=executor)
     return {"ranks": {key[0]: rank for key, rank in result.ranks.items()}, "allocator": result.allocator,
             "record": result.record(), "space": space}
 
@@ -350,10 +354,12 @@ def output_sensitivities(model: onnx.ModelProto, calib: CalibLike, *, samples: i
 def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samples, method, rank_ratio, energy,
                ranks, target, force, refit, bias_correction, sequential, conv, conv_ratio, rank_multiple,
                conv_max_error, latency_guard, embeddings, providers, dims, threads, batch_size,
-               allocator="auto", divergence="rel_l2", seed=0, memo=None):
+               allocator="auto", divergence="rel_l2", seed=0, memo=None, executor=None):
     """The low-rank part of :func:`optimize` (its parameters): returns (factorized model, pass records).
     ``memo``: a dict kept across calls on the same model and data (the lossless search builds many
-    budgets): calibration statistics and decompositions are computed once and reused."""
+    budgets): calibration statistics and decompositions are computed once and reused; None keeps
+    nothing (a streamed model: decompositions of every weight would hold the whole model)."""
+    keep = memo is not None
     memo = {} if memo is None else memo
     param_budget, unit_costs, cost_of = None, None, None
     if target is not None:
@@ -410,21 +416,21 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
                 work, calib, samples=min(calib_samples or SENSITIVITY_SAMPLES, SENSITIVITY_SAMPLES),
                 batch_size=batch_size, threads=threads)
         sensitivity = memo["sensitivity"]
-    allocation, cache = None, memo.setdefault("factorize_cache", {})
+    allocation, cache = None, memo.setdefault("factorize_cache", {}) if keep else None
     if param_budget is not None:
         # The allocators of onnxlr.rank_search, candidates judged end to end on the calibration data.
         # One search space per budget kind, kept in the memo: the lossless search tries many budgets.
         spaces = memo.setdefault("search_spaces", {})
         allocation = choose_allocation(work, config, stats, sensitivity, calib, allocator=allocator, seed=seed,
                                        space=spaces.get(kind), divergence=divergence, samples=calib_samples,
-                                       threads=threads, cache=cache, cost_of=cost_of)
+                                       threads=threads, cache=cache, cost_of=cost_of, executor=executor)
         spaces[kind] = allocation["space"]
         config = dataclasses.replace(config, param_budget=None, ranks={**allocation["ranks"], **config.ranks})
     if sequential:
         collect = paired_collector(work, calib, samples=calib_samples, batch_size=batch_size, threads=threads)
         passes = [FactorizeMatMulSequential(config, collect, sensitivity)]
     else:
-        passes = [FactorizeMatMul(config, stats, sensitivity, cache=cache)]
+        passes = [FactorizeMatMul(config, stats, sensitivity, cache=cache, executor=executor)]
     if convs or conv_skipped:  # the pass also reports the convs it cannot factorize, and why
         guard = None
         if latency_guard:
@@ -580,6 +586,8 @@ def optimize(
     batch_size: int = 8,
     repeats: int = 20,
     validate: bool = True,
+    workers: int | None = None,
+    executor: str = "local",
 ) -> tuple[onnx.ModelProto, Report]:
     """Compress a model — by default factorize its MatMul/Gemm layers — and validate the result
     against the original.
@@ -640,6 +648,17 @@ def optimize(
     batch_size : samples per run (axis 0) when comparing and timing.
     repeats : timed runs per model and provider.
     validate : False to skip running ONNX Runtime.
+    workers : processes (or Ray actors) fitting the weights side by side and scoring the evolutionary
+        search's candidates; default 1, this process. Each gets the cores divided among them as BLAS
+        threads (:mod:`onnxlr.executors`).
+    executor : ``local`` (a process pool on this machine) or ``ray`` (a Ray cluster: ``RAY_ADDRESS``,
+        else a local Ray instance; needs ``pip install onnxlr[ray]``).
+
+    A model file with external data and no calibration data is processed *streamed*: its tensors stay
+    in their files, each weight is read through a memory map when it is factorized, its pages dropped
+    afterwards, and the factors go to a temporary spill file; :func:`write` then copies everything into
+    the output chunk by chunk. Peak memory stays near the largest weight's SVD work, not the model size
+    (validation still runs ONNX Runtime on both models whole).
 
     Returns
     -------
@@ -663,10 +682,26 @@ def optimize(
     parse_providers(providers), parse_devices(devices)  # fail on a malformed one before the slow part
     if isinstance(calib, Iterator) and (recipe_.steps or method == "fisher" or sequential):
         calib = list(calib)  # read more than once (statistics of every step): a one-shot iterator is kept
-    original, path = _load(model)
+    original, path = _load(model, mapped=calib is None and recipe == "lowrank")
+    streamed = io.is_mapped(original)
     if validate:  # bad inputs, or an original that cannot run or gives NaN/Inf on them: fail before any rewrite
         sampled = sample_inputs(original, inputs, dims)  # read once, used again by every validation below
-        feeds_mod.check_original_outputs(original, *sampled, threads=threads, batch_size=batch_size)
+        feeds_mod.check_original_outputs(io.materialize(original), *sampled, threads=threads, batch_size=batch_size)
+    with (spilling() if streamed else contextlib.nullcontext()), make_executor(executor, workers) as pool:
+        return _optimize(original, path, streamed, pool, recipe_, tolerance, sampled if validate else None,
+                         calib=calib, calib_samples=calib_samples, method=method, rank_ratio=rank_ratio,
+                         energy=energy, ranks=ranks, target=target, allocator=allocator, seed=seed, force=force,
+                         refit=refit, bias_correction=bias_correction, sequential=sequential, conv=conv,
+                         conv_ratio=conv_ratio, rank_multiple=rank_multiple, conv_max_error=conv_max_error,
+                         latency_guard=latency_guard, embeddings=embeddings, providers=providers, devices=devices,
+                         dims=dims, threads=threads, batch_size=batch_size, repeats=repeats, validate=validate)
+
+
+def _optimize(original, path, streamed, pool, recipe_, tolerance, sampled, *, calib, calib_samples, method,
+              rank_ratio, energy, ranks, target, allocator, seed, force, refit, bias_correction, sequential, conv,
+              conv_ratio, rank_multiple, conv_max_error, latency_guard, embeddings, providers, devices, dims,
+              threads, batch_size, repeats, validate):
+    """:func:`optimize` once the model is loaded and its inputs checked (its parameters)."""
     arrived = import_graph(original)
     int8_weights = prequantized.weight_quantized_nodes(arrived)
     # Weights computed from constants (int8 QDQ weights among them) become float initializers first;
@@ -684,7 +719,7 @@ def optimize(
         bias_correction=bias_correction, sequential=sequential, conv=conv, conv_ratio=conv_ratio,
         rank_multiple=rank_multiple, conv_max_error=conv_max_error, latency_guard=latency_guard,
         embeddings=embeddings, providers=providers, dims=dims, threads=threads, batch_size=batch_size,
-        allocator=allocator, seed=seed, memo={},
+        allocator=allocator, seed=seed, memo={} if not streamed else None, executor=pool,
         divergence=SEARCH_DIVERGENCE.get(tolerance.metric if tolerance else "", "rel_l2"))
     if recipe_.factorize and target == "lossless":
         target, search = lossless_target(work, tolerance, lambda spec: factorize(import_graph(work), target=spec)[0],
@@ -707,12 +742,15 @@ def optimize(
                                               batch_size=batch_size, threads=threads)
             built += compressed
         try:
-            io.check_model(optimized)
+            if not streamed:  # a streamed model is checked by path when written (io.save_model)
+                io.check_model(optimized)
         except Exception as exc:  # a broken rewrite is a bug in onnxlr, not a user error
             raise RuntimeError(f"onnxlr produced an invalid model: {exc}") from exc
-        report = Report(ModelSummary.of(original, path), ModelSummary.of(optimized), built, tolerance=tolerance)
+        report = Report(ModelSummary.of(original, path), ModelSummary.of(optimized), built, tolerance=tolerance,
+                        streamed=streamed)
         if validate:
-            report.validation = _validate(original, optimized, providers=providers, devices=devices,
+            report.validation = _validate(io.materialize(original), io.materialize(optimized),
+                                          providers=providers, devices=devices,
                                           sampled=sampled,
                                           threads=threads, batch_size=batch_size, repeats=repeats)
         return optimized, report

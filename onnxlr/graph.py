@@ -7,13 +7,119 @@ stored it as an initializer or as a ``Constant`` node (some exporters do the lat
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import mmap
+import os
+import tempfile
 from collections import Counter
-from typing import Mapping
+from pathlib import Path
+from typing import Iterator, Mapping
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
+
+
+class MappedValues(LazyValues):
+    """The values of a tensor kept in an external data file (a mapped model, :func:`onnxlr.io.load_model`),
+    read through a read-only memory map when a pass first asks for them. The array remembers the
+    tensor it maps, so :func:`export_model` writes the reference back instead of the bytes."""
+
+    def load(self) -> np.ndarray:
+        return mapped_array(self.tensor)
+
+
+def mapped_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """A read-only memory map of an externally stored tensor (absolute location), shaped and typed."""
+    from onnxlr.io import external_extent
+
+    location, offset, _ = external_extent(tensor)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    shape = tuple(int(d) for d in tensor.dims)
+    if int(np.prod(shape)) == 0:
+        return np.zeros(shape, dtype)
+    array = np.memmap(location, dtype=dtype, mode="r", offset=offset, shape=shape)
+    array._onnxlr_source = tensor
+    return array
+
+
+def release_pages(array) -> None:
+    """Drop the pages of a memory-mapped ``array`` from this process's memory (they stay in the file and
+    are read again if touched): after a weight is factorized, its pages no longer count in the peak."""
+    handle = getattr(array, "_mmap", None)
+    if isinstance(handle, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        handle.madvise(mmap.MADV_DONTNEED)
+
+
+# Tensors a pass creates while a spill file is active (:func:`spilling`) go to that file once they
+# reach this size, and are kept as memory maps: factors of a model larger than memory never all sit
+# in memory at once.
+SPILL_MIN_BYTES = 1024 * 1024
+_SPILL: contextvars.ContextVar["SpillFile | None"] = contextvars.ContextVar("onnxlr_spill", default=None)
+
+
+class SpillFile:
+    """An append-only data file for tensors made by passes on a mapped model."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = open(self.path, "ab")
+
+    def add(self, name: str, array: np.ndarray) -> np.ndarray:
+        """Write ``array`` and return it as a memory map of what was written."""
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        offset = self._file.seek(0, os.SEEK_END)
+        self._file.write(array.tobytes())
+        self._file.flush()
+        tensor = onnx.TensorProto(name=name, dims=array.shape,
+                                  data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                                  data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", str(self.path)), ("offset", str(offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return mapped_array(tensor)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@contextlib.contextmanager
+def spilling(folder: str | os.PathLike | None = None) -> Iterator[SpillFile]:
+    """While active, large constants made with :func:`make_constant` are written to a spill file in
+    ``folder`` (default: a new temporary folder) instead of staying in memory. The file outlives the
+    block (the model refers to it until written) and is removed when the process exits."""
+    folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="onnxlr-spill-"))
+    fd, name = tempfile.mkstemp(prefix="spill-", suffix=".data", dir=folder)
+    os.close(fd)
+    spill = SpillFile(Path(name))
+    _remove_at_exit(folder if folder.name.startswith("onnxlr-spill-") else Path(name))
+    token = _SPILL.set(spill)
+    try:
+        yield spill
+    finally:
+        _SPILL.reset(token)
+        spill.close()
+
+
+def _remove_at_exit(path: Path) -> None:
+    import atexit
+    import shutil
+
+    atexit.register(lambda: shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True))
+
+
+def make_constant(graph: gs.Graph, name: str, values: np.ndarray) -> gs.Constant:
+    """A new constant named ``name`` (made unique in ``graph``), spilled to disk when a spill file is
+    active and it is large (see :func:`spilling`)."""
+    name = unique_name(graph, name)
+    values = np.ascontiguousarray(values)
+    spill = _SPILL.get()
+    if spill is not None and values.nbytes >= SPILL_MIN_BYTES:
+        values = spill.add(name, values)
+    return gs.Constant(name, values)
 
 
 def hoist_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -60,12 +166,21 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         kept = [t for t in hoisted.graph.initializer if t.name not in overridable]
         del hoisted.graph.initializer[:]
         hoisted.graph.initializer.extend(kept)
-    return gs.import_onnx(hoisted)
+    graph = gs.import_onnx(hoisted)
+    for tensor in graph.tensors().values():
+        lazy = getattr(tensor, "_values", None)
+        if type(lazy) is LazyValues and lazy.tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor._values = MappedValues(lazy.tensor)
+    return graph
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph`` back to a ModelProto, keeping ``template``'s model-level metadata."""
     graph.cleanup().toposort()
+    for tensor in graph.tensors().values():  # mapped values are written as the reference they came from
+        source = getattr(getattr(tensor, "_values", None), "_onnxlr_source", None)
+        if source is not None:
+            tensor._values = MappedValues(source)
     model = gs.export_onnx(graph)
     model.ir_version = template.ir_version
     model.model_version = template.model_version

@@ -8,6 +8,11 @@
   which is renamed over the destination only once complete and checked.
 - Tensors above :data:`EXTERNAL_DATA_THRESHOLD` in total are written as external data automatically,
   since a protobuf cannot exceed 2 GB.
+- A model with external data can be loaded *mapped* (``load_model(path, mapped=True)``): its tensors
+  stay in their files, each read through a memory map when a pass asks for it (:mod:`onnxlr.graph`),
+  and :func:`save_model` copies them chunk by chunk into the output's data file. In such a model the
+  external locations are absolute paths (onnx and ONNX Runtime refuse those: :func:`materialize`
+  gives a copy with the data loaded).
 """
 
 from __future__ import annotations
@@ -19,13 +24,20 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from onnxlr.errors import OnnxlrError
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # a margin under protobuf's 2 GiB limit
+# Tensors of at least this many bytes go to the data file when external data is written (onnx's
+# default); each starts at a multiple of EXTERNAL_DATA_ALIGNMENT so it can be memory-mapped in place.
+EXTERNAL_SIZE_THRESHOLD = 1024
+EXTERNAL_DATA_ALIGNMENT = 4096
+COPY_CHUNK = 64 * 1024**2
 
 
 def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -66,8 +78,9 @@ def _check_external_location(tensor: onnx.TensorProto, base_dir: Path) -> None:
         raise OnnxlrError(f"tensor {tensor.name!r}: external data file {location!r} is missing")
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX model and its external data (if any) into memory.
+def load_model(path: str | os.PathLike, *, mapped: bool = False) -> onnx.ModelProto:
+    """Load an ONNX model and its external data (if any) into memory; with ``mapped``, leave external
+    data in its files (their locations made absolute, see the module docstring).
 
     Raises
     ------
@@ -93,6 +106,13 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     external = [t for t in iter_tensors(model.graph) if external_data_helper.uses_external_data(t)]
     for tensor in external:
         _check_external_location(tensor, base_dir)
+    if external and mapped:
+        check_input(model, path, by_path=True)
+        for tensor in external:
+            _check_extent(tensor, base_dir, path)
+            entry = next(e for e in tensor.external_data if e.key == "location")
+            entry.value = str((base_dir / entry.value).resolve())
+        return model
     if external:
         try:
             external_data_helper.load_external_data_for_model(model, str(base_dir))
@@ -100,6 +120,60 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
             raise OnnxlrError(f"{path}: cannot read external data: {' '.join(str(exc).split())[:200]}") from None
     check_input(model, path)
     return model
+
+
+def has_external_data(path: str | os.PathLike) -> bool:
+    """Whether the model file at ``path`` keeps any tensor in an external data file."""
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (OSError, DecodeError, RuntimeError, ValueError):
+        return False  # load_model reports what is wrong with it
+    return any(external_data_helper.uses_external_data(t) for t in iter_tensors(model.graph))
+
+
+def is_mapped(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` was loaded mapped: some tensor still refers to a data file."""
+    return any(external_data_helper.uses_external_data(t) for t in iter_tensors(model.graph))
+
+
+def external_extent(tensor: onnx.TensorProto) -> tuple[str, int, int]:
+    """``(location, offset, length)`` of an externally stored tensor."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    return info["location"], int(info.get("offset", 0)), int(info.get("length", -1))
+
+
+def _check_extent(tensor: onnx.TensorProto, base_dir: Path, path: Path) -> None:
+    """The tensor's bytes lie inside its data file (a mapped read past the end would crash)."""
+    location, offset, length = external_extent(tensor)
+    size = (base_dir / location).stat().st_size
+    expected = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize * int(np.prod(tensor.dims))
+    if length < 0:
+        length = size - offset
+    if offset < 0 or offset + length > size or length != expected:
+        raise OnnxlrError(f"{path}: tensor {tensor.name!r} needs {expected} bytes at offset {offset} of "
+                          f"{location}, which holds {size}")
+
+
+def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with the data of mapped tensors (absolute external locations) loaded in."""
+    external = [t for t in iter_tensors(model.graph) if external_data_helper.uses_external_data(t)]
+    if not external:
+        return model
+    model = _copy(model)
+    for tensor in iter_tensors(model.graph):
+        if external_data_helper.uses_external_data(tensor):
+            _load_mapped(tensor)
+    return model
+
+
+def _load_mapped(tensor: onnx.TensorProto) -> None:
+    """Read a mapped tensor's bytes into it (it no longer refers to a file)."""
+    location, offset, length = external_extent(tensor)
+    with open(location, "rb") as source:
+        source.seek(offset)
+        tensor.raw_data = source.read(length)
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def files_of(path: str | os.PathLike) -> list[Path]:
@@ -113,13 +187,13 @@ def files_of(path: str | os.PathLike) -> list[Path]:
     return [path, *(path.parent / loc for loc in sorted(locations) if (path.parent / loc).is_file())]
 
 
-def check_input(model: onnx.ModelProto, path: Path) -> None:
+def check_input(model: onnx.ModelProto, path: Path, *, by_path: bool = False) -> None:
     """Refuse a model that is not valid ONNX (the checks every output must pass) as a user error,
     before onnxlr rewrites it and the output check blames onnxlr: strings that are not UTF-8,
     tensors whose data does not fill their shape, undefined inputs, unknown ops."""
     try:
         _decode_strings(model.graph)
-        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:  # too big for the in-memory checker
+        if by_path or model.ByteSize() > EXTERNAL_DATA_THRESHOLD:  # external data unloaded, or too big
             onnx.checker.check_model(str(path))
         else:
             check_model(model)
@@ -159,10 +233,13 @@ def check_versions(model: onnx.ModelProto, label: str = "the model") -> None:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes held by the model's tensors (initializers and Constant attributes)."""
+    """Bytes held by the model's tensors (initializers and Constant attributes), in memory or in
+    external data files."""
     total = 0
     for tensor in iter_tensors(model.graph):
-        if tensor.HasField("raw_data"):
+        if external_data_helper.uses_external_data(tensor):
+            total += max(external_extent(tensor)[2], 0)
+        elif tensor.HasField("raw_data"):
             total += len(tensor.raw_data)
         else:
             total += tensor.ByteSize()
@@ -200,6 +277,8 @@ def save_model(
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     if external_data:  # the conversion below rewrites tensors in place: work on a copy
         model = _copy(model)
+    else:
+        model = materialize(model)  # mapped tensors, if any, are embedded
 
     data_name = path.name + ".data"
     try:
@@ -209,9 +288,10 @@ def save_model(
     try:
         tmp_model = tmp_dir / path.name
         if external_data:
-            external_data_helper.convert_model_to_external_data(
-                model, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
-            )
+            try:
+                write_external_data(model, tmp_dir / data_name)
+            except OSError as exc:
+                raise _write_error(path, exc) from None
         try:
             onnx.save_model(model, str(tmp_model))
         except OSError as exc:
@@ -236,6 +316,51 @@ def save_model(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+def write_external_data(model: onnx.ModelProto, data_path: Path) -> None:
+    """Move every tensor of at least EXTERNAL_SIZE_THRESHOLD bytes of ``model`` (modified) into
+    ``data_path``, in graph order, each at an aligned offset. Tensors already external (mapped) are
+    copied from their files chunk by chunk, so the model never needs to fit in memory; the bytes
+    written are the same whether a tensor was in memory or mapped."""
+    with open(data_path, "wb") as out:
+        for tensor in iter_tensors(model.graph):
+            mapped = external_data_helper.uses_external_data(tensor)
+            if mapped and external_extent(tensor)[2] < EXTERNAL_SIZE_THRESHOLD:  # small: inline, as in memory
+                _load_mapped(tensor)
+                mapped = False
+            if not mapped and tensor.data_type == onnx.TensorProto.STRING:
+                continue
+            if not mapped and not tensor.HasField("raw_data"):
+                if tensor.ByteSize() < EXTERNAL_SIZE_THRESHOLD:
+                    continue
+                tensor.raw_data = onnx.numpy_helper.to_array(tensor).tobytes()
+                for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    tensor.ClearField(name)
+            if not mapped and len(tensor.raw_data) < EXTERNAL_SIZE_THRESHOLD:
+                continue
+            offset = -out.tell() % EXTERNAL_DATA_ALIGNMENT + out.tell()
+            out.write(b"\0" * (offset - out.tell()))
+            if mapped:
+                location, start, length = external_extent(tensor)
+                with open(location, "rb") as source:
+                    source.seek(start)
+                    left = length
+                    while left > 0:
+                        chunk = source.read(min(COPY_CHUNK, left))
+                        if not chunk:
+                            raise OSError(f"{location} ended before tensor {tensor.name!r}")
+                        out.write(chunk)
+                        left -= len(chunk)
+            else:
+                length = len(tensor.raw_data)
+                out.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def _write_error(path: Path, exc: OSError) -> OnnxlrError:

@@ -32,6 +32,7 @@ import numpy as np
 
 from onnxlr import allocation
 from onnxlr.errors import OnnxlrError
+from onnxlr.executors import SerialExecutor
 from onnxlr.macs import count_macs
 from onnxlr.runtimes import latency, latency_table
 from onnxlr.runtimes.feeds import synthetic_feeds
@@ -97,7 +98,7 @@ def level_table(layers, decompositions: Mapping, unit_costs: Mapping[str, float]
         k, n = layer.W.shape
         ranks = allocation.rank_levels(k, n, levels)
         cost = level_costs(layer, ranks, unit_costs, cost_of)
-        s = decompositions[key][2]
+        s = decompositions[key][2].spectrum
         tail = np.concatenate([np.cumsum((s ** 2)[::-1])[::-1], [0.0]])  # tail[r] = sum_{i >= r} s_i^2
         table.keys.append(key)
         table.shapes.append((k, n))
@@ -175,6 +176,11 @@ def measure_end_to_end(table: LevelTable, candidates: Candidates, runner: SwapRu
         table.end_to_end.append(curve)
 
 
+def _divergence(runner: SwapRunner, job: tuple) -> float:
+    """An executor job: the end-to-end divergence of ``job = (weights, batch ids)``."""
+    return runner.divergence(*job)
+
+
 @dataclass
 class SearchResult:
     """The allocation kept and how it was found (the report's ``allocation`` record)."""
@@ -210,8 +216,11 @@ class SearchSpace:
 
 
 def search(table: LevelTable, budget: float, allocator: str, candidates: Candidates, runner: SwapRunner | None, *,
-           seed: int = 0, generations: int = 30, progress: bool | None = None) -> SearchResult:
-    """Run ``allocator`` on ``table`` within ``budget`` (see the module docstring)."""
+           seed: int = 0, generations: int = 30, progress: bool | None = None, executor=None) -> SearchResult:
+    """Run ``allocator`` on ``table`` within ``budget`` (see the module docstring). ``executor``
+    (:mod:`onnxlr.executors`, default this process) scores the evolutionary search's candidates: each
+    worker holds a copy of ``runner``; the candidates' weights are built here and sent. For a given
+    ``seed`` the result does not depend on the executor."""
     if allocator not in ALLOCATORS:
         raise OnnxlrError(f"unknown allocator {allocator!r} (choose from {', '.join(ALLOCATORS)})")
     started = time.perf_counter()
@@ -239,6 +248,7 @@ def search(table: LevelTable, budget: float, allocator: str, candidates: Candida
         divergence = {name: runner.divergence(candidates.weights(p)) for name, p in options.items()}
     evaluations = len(divergence)
     extra: dict[str, Any] = {}
+    remote_runs = 0
     if allocator == "evolutionary":
         start_name = min(divergence, key=divergence.get)
         # Hundreds of candidates selected on the same few calibration samples overfit them: the search
@@ -246,11 +256,19 @@ def search(table: LevelTable, budget: float, allocator: str, candidates: Candida
         n = len(runner.batches)
         search_ids = list(range(n - n // 4)) if n >= 4 else list(range(n))
         check_ids = list(range(n - n // 4, n)) if n >= 4 else list(range(n))
+        executor = executor or SerialExecutor()
+
+        def fitness(jobs):
+            return executor.map(_divergence, [(candidates.weights(p), [search_ids[i] for i in ids]) for p, ids in jobs],
+                                shared=runner)
+
+        local_before = runner.evaluations
         picks, log = allocation.evolutionary(
-            table.costs, budget, lambda p, ids: runner.divergence(candidates.weights(p), [search_ids[i] for i in ids]),
+            table.costs, budget, fitness,
             options[start_name], len(search_ids), generations=generations, seed=seed, progress=progress,
             steps=[max(1, round(len(c) / COARSE_LEVELS)) for c in table.costs])
         evaluations += log.evaluations
+        remote_runs = log.batch_runs - (runner.evaluations - local_before)  # what workers' copies ran
         # Spend what the last mutations left of the budget (each move only raises a rank): the budget
         # is met within one level, as by the other allocators.
         picks = allocation.fill(table.costs, errors, picks, budget)
@@ -269,7 +287,7 @@ def search(table: LevelTable, budget: float, allocator: str, candidates: Candida
         picks = options[kept]
     result = SearchResult(table.ranks_of(picks), kept, {k: round(v, 6) for k, v in divergence.items()},
                           seconds=time.perf_counter() - started,
-                          batch_runs=(runner.evaluations - runs_before) if runner is not None else 0,
+                          batch_runs=(runner.evaluations - runs_before + remote_runs) if runner is not None else 0,
                           evaluations=evaluations, search=extra)
     result.search["budget"] = float(budget)
     result.search["cost"] = allocation.total_cost(table.costs, picks)

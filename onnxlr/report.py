@@ -21,7 +21,10 @@ from typing import Any
 
 import onnx
 
+from onnx.external_data_helper import uses_external_data
+
 from onnxlr.graph import count_parameters
+from onnxlr.io import external_extent, iter_tensors
 from onnxlr.pipeline import PassRecord
 from onnxlr.runtimes.compare import Tolerance
 from onnxlr.runtimes.mobile import OrtConversion
@@ -40,7 +43,9 @@ class ModelSummary:
 
     @classmethod
     def of(cls, model: onnx.ModelProto, path: str = "") -> "ModelSummary":
-        return cls(count_parameters(model), model.ByteSize(), len(model.graph.node), path)
+        # a mapped model's tensors are still in their files: their bytes count as they will be written
+        external = sum(max(external_extent(t)[2], 0) for t in iter_tensors(model.graph) if uses_external_data(t))
+        return cls(count_parameters(model), model.ByteSize() + external, len(model.graph.node), path)
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Report:
     validation: Validation | None = None
     tolerance: Tolerance | None = None
     written: bool = False
+    streamed: bool = False  # the input's external data stayed in its files (onnxlr.io mapped load)
     ort_format: OrtConversion | None = None  # the .ort copy written with --ort
 
     @property

@@ -56,8 +56,9 @@ from tqdm import tqdm
 from onnxlr import linalg
 from onnxlr.allocation import allocate_ranks
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import (add_after, consumer_counts, in_subgraph_reason, read_in_subgraph_reason, subgraph_nodes,
-                          subgraph_readers, unique_name)
+from onnxlr.executors import SerialExecutor
+from onnxlr.graph import (add_after, consumer_counts, in_subgraph_reason, make_constant, read_in_subgraph_reason,
+                          release_pages, subgraph_nodes, subgraph_readers, unique_name)
 from onnxlr.pipeline import LayerChange, PassRecord, config_dict
 from onnxlr.runtimes.stats import CrossStats, TensorStats
 
@@ -88,6 +89,8 @@ class FactorizeMatMulConfig:
     force : rewrite even when the rank would not save parameters (used to test exactness).
     refit : data-aware methods: refit B to the layer's true output after truncation.
     bias_correction : data-aware methods: fold the mean output error into the bias.
+    svd_solver : ``auto`` (a randomized SVD where only one small rank of a large weight is needed,
+        the exact one otherwise: :func:`onnxlr.linalg.svd_solver`), ``exact`` or ``randomized``.
     """
 
     method: str = "svd"
@@ -99,10 +102,13 @@ class FactorizeMatMulConfig:
     force: bool = False
     refit: bool = True
     bias_correction: bool = True
+    svd_solver: str = "auto"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise OnnxlrError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.svd_solver not in linalg.SVD_SOLVERS:
+            raise OnnxlrError(f"unknown SVD solver {self.svd_solver!r} (choose from {', '.join(linalg.SVD_SOLVERS)})")
         if sum(x is not None for x in (self.rank_ratio, self.energy, self.param_budget)) > 1:
             raise OnnxlrError("give one of a rank ratio, an energy share or a parameter budget")
         if self.param_budget is not None and self.param_budget < 0:
@@ -204,6 +210,10 @@ class FactorizeMatMul:
         are neither rewritten nor reported.
     cache : a dict shared by several instances working on the same model and statistics (e.g. to try
         several rank allocations): eigen-decompositions and SVDs are then computed once.
+    executor : where the per-weight fits run when each layer's rank is known before its SVD (a rank
+        ratio or per-layer ranks): :mod:`onnxlr.executors` (default: in this process, one by one).
+        Each fit reads its weight, factorizes it and returns the factors, so only the weights being
+        fitted are in memory at once.
     """
 
     name = "factorize_matmul"
@@ -212,7 +222,8 @@ class FactorizeMatMul:
                  stats: Mapping[str, TensorStats] | None = None,
                  sensitivity: Mapping[str, np.ndarray] | None = None, *,
                  cross: Mapping[str, CrossStats] | None = None,
-                 only: Collection[tuple[str, bool]] | None = None, cache: dict | None = None):
+                 only: Collection[tuple[str, bool]] | None = None, cache: dict | None = None,
+                 executor=None):
         self.config = config or FactorizeMatMulConfig()
         if stats is not None and cross is not None:
             raise ValueError("give either stats or cross statistics, not both")
@@ -226,6 +237,7 @@ class FactorizeMatMul:
         self.only = None if only is None else set(only)
         self._cache = {} if cache is None else cache
         self._eigs: dict = self._cache.setdefault("eigs", {})
+        self.executor = executor or SerialExecutor()
 
     def choose_rank(self, layer: Layer, spectrum: np.ndarray) -> int | None:
         """The rank for ``layer`` under the config, or None if no rule applies."""
@@ -247,7 +259,7 @@ class FactorizeMatMul:
                 params = override * (k + n) if linalg.saves_parameters(k, n, override) else k * n
                 given[key] = params * unit.get(layer.weight.name, 1.0)
             elif key not in free:
-                free[key] = ((k, n), decompositions[key][2])
+                free[key] = ((k, n), decompositions[key][2].spectrum)
         fixed = sum(given.values())
         shapes = [shape for shape, _ in free.values()]
         # Cost of rank r: the squared spectrum the method truncates beyond r (for whitened, exactly the
@@ -303,12 +315,14 @@ class FactorizeMatMul:
         return linalg.sequential_target(W, self._gram(st.hat), cross, eig=self._eig(st.hat)), st.hat
 
     def _decompose(self, W: np.ndarray, st: TensorStats | None, sensitivity: np.ndarray | None = None):
-        """``(spectrum, factors)`` for one weight: the spectrum the method truncates (which the
-        energy rule reads) and a function ``rank -> (A, B)``. The expensive parts — the eigen-
-        decomposition of the Gram (shared by every layer reading the same input) and one SVD per
-        weight — are done once, whatever ranks are asked for."""
+        """``(svd, factors)`` for one weight: the :class:`~onnxlr.linalg.LazySVD` of the matrix the
+        method truncates (its ``spectrum`` is what the energy rule and the allocation read) and a
+        function ``rank -> (A, B)``. The expensive parts — the eigen-decomposition of the Gram (shared
+        by every layer reading the same input) and one SVD per weight — are done once, whatever
+        ranks are asked for, and only when asked for."""
+        solver = self.config.svd_solver
         if st is None:
-            return _svd_factors(W)
+            return _svd_factors(W, solver)
         method = self.config.method
         gram = self._gram(st)
         lam, Q = self._eig(st)
@@ -318,15 +332,16 @@ class FactorizeMatMul:
                 # Damped Fisher (d + mean d): the forward-probe estimate is noisy in absolute terms, and
                 # an undamped near-zero estimate would let a unit's output be discarded outright.
                 weights = np.sqrt(sensitivity + sensitivity.mean())
-            whitened = linalg.WhitenedSVD.fit(W, (lam, Q), col_weights=weights)
-            return whitened.s, whitened.factors
+            whitened = linalg.WhitenedSVD.fit(W, (lam, Q), col_weights=weights, solver=solver)
+            return whitened.svd, whitened.factors
         if method == "isvt":
-            return linalg.WhitenedSVD.fit(W, (lam, Q)).s, lambda r: linalg.isvt(W, gram, r, eig=(lam, Q))[:2]
-        s, factors = _svd_factors(W)
+            return (linalg.WhitenedSVD.fit(W, (lam, Q), solver="exact").svd,
+                    lambda r: linalg.isvt(W, gram, r, eig=(lam, Q))[:2])
+        svd, factors = _svd_factors(W, solver)
         if method == "asvd":
             factors = lambda r: linalg.asvd(W, st.mean_abs, r)  # noqa: E731
         if not self.config.refit:
-            return s, factors
+            return svd, factors
         # Refit B against the clamped Gram Q diag(lam) Qᵀ: on directions the calibration data never
         # reaches, the raw Gram would let B drift arbitrarily far from W.
         clamped = (Q * lam) @ Q.T
@@ -335,10 +350,10 @@ class FactorizeMatMul:
             A = factors(rank)[0]
             return A, linalg.refit_output_factor(W, A, clamped)
 
-        return s, refitted
+        return svd, refitted
 
     def _decompositions(self, layers: list[Layer]) -> tuple[dict, dict]:
-        """Per weight key: its statistics, and ``(stats used, sensitivity, spectrum, rank -> factors)``."""
+        """Per weight key: its statistics, and ``(stats used, sensitivity, LazySVD, rank -> factors)``."""
         weight_stats = self._weight_stats(layers)
         shared = self._cache.setdefault("decompositions", {})
         decompositions: dict[tuple[str, bool], tuple] = {}
@@ -371,8 +386,25 @@ class FactorizeMatMul:
         return A, B, delta
 
     def decompositions(self, layers: list[Layer]) -> dict:
-        """Per (weight name, transposed): ``(stats used, sensitivity, spectrum, rank -> (A, B))``."""
+        """Per (weight name, transposed): ``(stats used, sensitivity, LazySVD, rank -> (A, B))``."""
         return self._decompositions(layers)[1]
+
+    def _fit_all(self, layers: list[Layer], weight_stats: Mapping, wanted: Mapping[tuple, int]) -> dict:
+        """``WeightFit`` per (weight name, transposed, rank) in ``wanted``, each computed from the weight
+        alone by :func:`fit_weight` on ``self.executor``."""
+        first = {}
+        for layer in layers:
+            first.setdefault((layer.weight.name, layer.transposed), layer)
+        jobs = []
+        for (name, transposed, rank) in wanted:
+            layer = first[(name, transposed)]
+            source = weight_stats.get((name, transposed))
+            statistics = [s for s in ((source.hat,) if isinstance(source, CrossStats) else (source,)) if s is not None]
+            eigs = [(s, self._eig(s)) for s in statistics]
+            jobs.append(WeightJob(weight=layer.W, source=source, rank=rank, eigs=eigs,
+                                  sensitivity=self._weight_sensitivity(layers, (name, transposed))))
+        worker = FactorizeMatMul(self.config, {}, {})  # the config alone: each job carries its statistics
+        return dict(zip(wanted, self.executor.map(fit_weight, jobs, shared=worker)))
 
     def run(self, graph: gs.Graph) -> PassRecord:
         record = PassRecord(self.name, config_dict(self.config))
@@ -383,18 +415,23 @@ class FactorizeMatMul:
         else:
             layers = [layer for layer in layers if (layer.weight.name, layer.transposed) in self.only]
 
-        weight_stats, decompositions = self._decompositions(layers)
+        # A rank ratio or per-layer ranks fix every rank before any SVD: each weight is then fitted on
+        # its own (in parallel, randomized where that pays, one weight in memory at a time). An energy
+        # rule or a budget reads whole spectra first: those keep one exact decomposition per weight.
+        spectra_first = self.config.energy is not None or self.config.param_budget is not None
+        weight_stats = self._weight_stats(layers)
+        decompositions = self._decompositions(layers)[1] if spectra_first else {}
         allocated = self._allocate(layers, decompositions) if self.config.param_budget is not None else None
-        factors: dict[tuple[str, bool, int], tuple] = {}
+        planned = []  # (layer, rank, details) of the layers to rewrite, in graph order
         for layer in layers:
             key = (layer.weight.name, layer.transposed)
-            paired = weight_stats.get(key)
-            st, sensitivity, spectrum, make_factors = decompositions[key]
             k, n = layer.W.shape
+            st, sensitivity = (decompositions[key][:2] if spectra_first else
+                               (weight_stats.get(key), self._weight_sensitivity(layers, key)))
             if allocated is not None and _override(self.config, layer) is None:
                 rank = allocated[key] or 0
             else:
-                rank = self.choose_rank(layer, spectrum)
+                rank = self.choose_rank(layer, decompositions[key][2].spectrum if spectra_first else None)
             if rank == 0:
                 record.layers.append(kept_dense(layer))
                 continue
@@ -409,36 +446,51 @@ class FactorizeMatMul:
                 record.layers.append(LayerChange(layer.node.name, layer.node.op, "skipped",
                                                  "no rank rule or override for this layer", details))
                 continue
-            if rank > spectrum.size:
-                raise OnnxlrError(
-                    f"rank {rank} for layer {layer.node.name!r} exceeds min(k, n) = {spectrum.size}"
-                )
-            details.update(rank=rank, energy_kept=float(linalg.energy_kept(spectrum)[rank - 1]))
+            if rank > min(k, n):
+                raise OnnxlrError(f"rank {rank} for layer {layer.node.name!r} exceeds min(k, n) = {min(k, n)}")
+            details["rank"] = rank
             if not linalg.saves_parameters(k, n, rank) and not self.config.force:
                 record.layers.append(LayerChange(
                     layer.node.name, layer.node.op, "skipped",
                     f"rank {rank} >= break-even rank {k * n / (k + n):.1f}: would not save parameters",
                     details))
                 continue
-            fkey = key + (rank,)
-            if fkey not in factors:
-                A, B, delta = self.factors(layer, rank, decompositions[key], paired)
-                factors[fkey] = (*self._constants(graph, layer, A, B), delta,
-                                 _errors(layer.W, A, B, paired, delta is not None))
-            A_c, B_c, delta, errors = factors[fkey]
-            self._rewrite(graph, layer, A_c, B_c)
-            if delta is not None:
-                _add_bias(graph, layer, delta.astype(layer.W.dtype))
-            details.update(params_after=rank * (k + n), **errors)
+            planned.append((layer, rank, details))
+
+        wanted = dict.fromkeys((layer.weight.name, layer.transposed, rank) for layer, rank, _ in planned)
+        if spectra_first:
+            fits = {fkey: self._fit(layer_of(layers, fkey), fkey[2], decompositions[fkey[:2]],
+                                    weight_stats.get(fkey[:2])) for fkey in wanted}
+        else:
+            fits = self._fit_all(layers, weight_stats, wanted)
+        constants: dict[tuple[str, bool, int], tuple] = {}
+        for layer, rank, details in planned:
+            fkey = (layer.weight.name, layer.transposed, rank)
+            fit = fits[fkey]
+            if fkey not in constants:
+                constants[fkey] = self._constants(graph, layer, fit.A, fit.B)
+            self._rewrite(graph, layer, *constants[fkey])
+            if fit.delta is not None:
+                _add_bias(graph, layer, fit.delta.astype(layer.W.dtype))
+            k, n = layer.W.shape
+            details.update(energy_kept=fit.energy_kept, svd_solver=fit.solver, params_after=rank * (k + n),
+                           **fit.errors)
             record.layers.append(LayerChange(layer.node.name, layer.node.op, "rewritten", "", details))
         return record
+
+    def _fit(self, layer: Layer, rank: int, decomposition: tuple, paired) -> "WeightFit":
+        """One weight's :class:`WeightFit` at ``rank`` from its decomposition."""
+        svd = decomposition[2]
+        A, B, delta = self.factors(layer, rank, decomposition, paired)
+        return WeightFit(A, B, delta, _errors(layer.W, A, B, paired, delta is not None),
+                         svd.energy_kept(rank), svd.solver_for(rank))
 
     @staticmethod
     def _constants(graph, layer, A, B):
         dtype = layer.W.dtype
         base = layer.weight.name
-        return (gs.Constant(unique_name(graph, f"{base}/lr_A"), np.ascontiguousarray(A.astype(dtype))),
-                gs.Constant(unique_name(graph, f"{base}/lr_B"), np.ascontiguousarray(B.astype(dtype))))
+        return (make_constant(graph, f"{base}/lr_A", A.astype(dtype)),
+                make_constant(graph, f"{base}/lr_B", B.astype(dtype)))
 
     @staticmethod
     def _rewrite(graph: gs.Graph, layer: Layer, A: gs.Constant, B: gs.Constant) -> None:
@@ -458,10 +510,58 @@ class FactorizeMatMul:
         graph.nodes.append(first)
 
 
-def _svd_factors(W: np.ndarray):
-    """Plain SVD computed once: ``(spectrum, rank -> (A, B))`` with the values split evenly."""
-    U, s, Vt = linalg.svd(W)
-    return s, lambda r: (U[:, :r] * np.sqrt(s[:r]), np.sqrt(s[:r])[:, None] * Vt[:r])
+def _svd_factors(W: np.ndarray, solver: str = "auto"):
+    """Plain SVD computed once, when first needed: ``(LazySVD, rank -> (A, B))`` with the values
+    split evenly."""
+    svd = linalg.LazySVD(W, solver)
+    return svd, lambda r: linalg.split_factors(*svd.top(r))
+
+
+def layer_of(layers: list[Layer], key: tuple) -> Layer:
+    """The first layer computing with weight ``key[:2]`` = (name, transposed)."""
+    return next(layer for layer in layers if (layer.weight.name, layer.transposed) == tuple(key[:2]))
+
+
+@dataclass
+class WeightFit:
+    """One weight's factors at one rank, the bias correction to fold after them (or None), their
+    errors (``weight_error``, with statistics ``calib_error``), the spectrum share kept and the SVD
+    solver used."""
+
+    A: np.ndarray
+    B: np.ndarray
+    delta: np.ndarray | None
+    errors: dict
+    energy_kept: float
+    solver: str
+
+
+@dataclass
+class WeightJob:
+    """What :func:`fit_weight` needs to fit one weight away from the graph: the logical (k, n)
+    weight, its statistics (None: plain SVD) with the eigen-decompositions of their Grams, the
+    summed output sensitivity of its layers, and the rank."""
+
+    weight: np.ndarray
+    source: TensorStats | CrossStats | None
+    rank: int
+    eigs: list = field(default_factory=list)  # [(statistics, clamped eigh of its Gram)]
+    sensitivity: np.ndarray | None = None
+
+
+def fit_weight(factorize: FactorizeMatMul, job: WeightJob) -> WeightFit:
+    """Fit one weight at its rank with ``factorize``'s config (the executors' unit of work: a plain
+    function of picklable arguments, so it runs in this process, a worker process or on Ray)."""
+    factorize._eigs.clear()
+    for st, eig in job.eigs:  # computed once per input in the caller, shared by its weights
+        factorize._eigs[(id(st), factorize.config.bias_correction)] = (st, eig)
+    W = np.asarray(job.weight)
+    target, st = factorize._target(W, job.source)
+    svd, make_factors = factorize._decompose(target, st, job.sensitivity)
+    layer = Layer(node=None, weight=None, W=W)
+    fit = factorize._fit(layer, job.rank, (st, job.sensitivity, svd, make_factors), job.source)
+    release_pages(job.weight)  # a mapped weight's pages leave memory once it is fitted
+    return fit
 
 
 def _method_used(method: str, st: TensorStats | None, sensitivity: np.ndarray | None) -> str:

@@ -94,7 +94,8 @@ class SwapRunner:
         self.metric = DIVERGENCES[divergence]
         self.batches = [dict(b) for b in batches]
         swappable, self.names = swappable_model(model, layers)
-        self.session = make_session(swappable.SerializeToString(), provider, threads)
+        self._swappable, self._provider, self._threads = swappable.SerializeToString(), provider, threads
+        self.session = make_session(self._swappable, provider, threads)
         self.defaults: dict[WeightKey, tuple[np.ndarray, np.ndarray]] = {}
         for layer in layers:
             key = (layer.weight.name, layer.transposed)
@@ -103,6 +104,16 @@ class SwapRunner:
         reference = make_session(model.SerializeToString(), provider, threads)
         self.reference = [reference.run(None, batch) for batch in self.batches]
         self.evaluations = 0
+
+    def __getstate__(self):
+        # An ORT session does not pickle: a copy (an executor's worker) opens its own.
+        state = dict(self.__dict__)
+        del state["session"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.session = make_session(self._swappable, self._provider, self._threads)
 
     def outputs(self, weights: Mapping[WeightKey, tuple[np.ndarray, np.ndarray | None]], batch: int) -> list[np.ndarray]:
         feeds = dict(self.batches[batch])

@@ -102,6 +102,11 @@ def _additive_fitness(errors, noise=0.0, seed=0):
     return fitness, calls
 
 
+def _batched(fitness):
+    """evolutionary scores candidates in lists: one call per selection stage."""
+    return lambda jobs: [fitness(picks, ids) for picks, ids in jobs]
+
+
 def test_evolutionary_stays_in_budget_improves_and_is_deterministic():
     rng = np.random.default_rng(4)
     costs, errors = _table(rng, layers=8, options=12)
@@ -110,7 +115,7 @@ def test_evolutionary_stays_in_budget_improves_and_is_deterministic():
     results = []
     for _ in range(2):
         fitness, calls = _additive_fitness(errors)
-        picks, log = evolutionary(costs, budget, fitness, start, n_batches=8, generations=60, seed=7,
+        picks, log = evolutionary(costs, budget, _batched(fitness), start, n_batches=8, generations=60, seed=7,
                                   progress=False)
         results.append((picks, log.best))
         assert total_cost(costs, picks) <= budget
@@ -126,7 +131,7 @@ def test_evolutionary_stays_in_budget_improves_and_is_deterministic():
 def test_evolutionary_selects_on_growing_subsets_and_stops_early():
     costs = [np.array([1.0, 2.0, 3.0])] * 3
     fitness, calls = _additive_fitness([np.zeros(3)] * 3)  # flat: nothing ever improves
-    _, log = evolutionary(costs, 6.0, fitness, [1, 1, 1], n_batches=8, generations=50, patience=3,
+    _, log = evolutionary(costs, 6.0, _batched(fitness), [1, 1, 1], n_batches=8, generations=50, patience=3,
                           progress=False)
     assert log.stopped_early and log.generations == 3
     sizes = {len(ids) for _, ids in calls}
@@ -135,4 +140,4 @@ def test_evolutionary_selects_on_growing_subsets_and_stops_early():
 
 def test_evolutionary_refuses_a_start_over_budget():
     with pytest.raises(ValueError, match="exceeds the budget"):
-        evolutionary([np.array([1.0, 2.0])], 1.5, lambda p, i: 0.0, [1], n_batches=1)
+        evolutionary([np.array([1.0, 2.0])], 1.5, lambda jobs: [0.0] * len(jobs), [1], n_batches=1)
