@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from onnxlr import rank_search
 from onnxlr import io, linalg, prequantized
 from onnxlr.errors import OnnxlrError
-from onnxlr.executors import make_executor
+from onnxlr.executors import SerialExecutor, make_executor
 from onnxlr.graph import count_parameters, import_graph, spilling, truncated
 from onnxlr.macs import count_macs
 from onnxlr.calibration import calibration_batches, find_mask_input
@@ -354,7 +354,7 @@ def output_sensitivities(model: onnx.ModelProto, calib: CalibLike, *, samples: i
 def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samples, method, rank_ratio, energy,
                ranks, target, force, refit, bias_correction, sequential, conv, conv_ratio, rank_multiple,
                conv_max_error, latency_guard, embeddings, providers, dims, threads, batch_size,
-               allocator="auto", divergence="rel_l2", seed=0, memo=None, executor=None):
+               allocator="auto", divergence="rel_l2", seed=0, memo=None, executor=None, svd_solver="auto"):
     """The low-rank part of :func:`optimize` (its parameters): returns (factorized model, pass records).
     ``memo``: a dict kept across calls on the same model and data (the lossless search builds many
     budgets): calibration statistics and decompositions are computed once and reused; None keeps
@@ -391,7 +391,8 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
     conv_ranks = {k: v for k, v in ranks.items() if k in _conv_names(convs)}
     ranks = {k: v for k, v in ranks.items() if k not in conv_ranks}
     config = FactorizeMatMulConfig(method=method, rank_ratio=rank_ratio, energy=energy, param_budget=param_budget,
-                                   unit_costs=unit_costs, ranks=ranks, force=force, refit=refit, bias_correction=bias_correction)
+                                   unit_costs=unit_costs, ranks=ranks, force=force, refit=refit, bias_correction=bias_correction,
+                                   svd_solver=svd_solver)
     if method in DATA_AWARE and calib is None:
         raise OnnxlrError(f"method {method!r} needs calibration data (--calib)")
     if sequential and method not in DATA_AWARE:
@@ -416,7 +417,9 @@ def _factorize(work: onnx.ModelProto, work_graph: gs.Graph, *, calib, calib_samp
                 work, calib, samples=min(calib_samples or SENSITIVITY_SAMPLES, SENSITIVITY_SAMPLES),
                 batch_size=batch_size, threads=threads)
         sensitivity = memo["sensitivity"]
-    allocation, cache = None, memo.setdefault("factorize_cache", {}) if keep else None
+    # decompositions are kept for the searches that reuse them (budgets); a rank rule fits each
+    # weight once, on the executor
+    allocation, cache = None, memo.setdefault("factorize_cache", {}) if keep and param_budget is not None else None
     if param_budget is not None:
         # The allocators of onnxlr.rank_search, candidates judged end to end on the calibration data.
         # One search space per budget kind, kept in the memo: the lossless search tries many budgets.
@@ -586,8 +589,9 @@ def optimize(
     batch_size: int = 8,
     repeats: int = 20,
     validate: bool = True,
+    svd_solver: str = "auto",
     workers: int | None = None,
-    executor: str = "local",
+    executor: "str | SerialExecutor" = "local",
 ) -> tuple[onnx.ModelProto, Report]:
     """Compress a model — by default factorize its MatMul/Gemm layers — and validate the result
     against the original.
@@ -648,11 +652,15 @@ def optimize(
     batch_size : samples per run (axis 0) when comparing and timing.
     repeats : timed runs per model and provider.
     validate : False to skip running ONNX Runtime.
+    svd_solver : ``auto`` (randomized SVD where a single small rank of a large weight is wanted,
+        :func:`onnxlr.linalg.svd_solver`; each layer's report says which it got), ``exact`` or
+        ``randomized``.
     workers : processes (or Ray actors) fitting the weights side by side and scoring the evolutionary
         search's candidates; default 1, this process. Each gets the cores divided among them as BLAS
         threads (:mod:`onnxlr.executors`).
     executor : ``local`` (a process pool on this machine) or ``ray`` (a Ray cluster: ``RAY_ADDRESS``,
-        else a local Ray instance; needs ``pip install onnxlr[ray]``).
+        else a local Ray instance; needs ``pip install onnxlr[ray]``), or an executor object of
+        :mod:`onnxlr.executors` (kept open: several runs can share one Ray instance).
 
     A model file with external data and no calibration data is processed *streamed*: its tensors stay
     in their files, each weight is read through a memory map when it is factorized, its pages dropped
@@ -687,20 +695,23 @@ def optimize(
     if validate:  # bad inputs, or an original that cannot run or gives NaN/Inf on them: fail before any rewrite
         sampled = sample_inputs(original, inputs, dims)  # read once, used again by every validation below
         feeds_mod.check_original_outputs(io.materialize(original), *sampled, threads=threads, batch_size=batch_size)
-    with (spilling() if streamed else contextlib.nullcontext()), make_executor(executor, workers) as pool:
+    own = isinstance(executor, str)  # an executor object given is the caller's to close
+    pool_context = make_executor(executor, workers) if own else contextlib.nullcontext(executor)
+    with (spilling() if streamed else contextlib.nullcontext()), pool_context as pool:
         return _optimize(original, path, streamed, pool, recipe_, tolerance, sampled if validate else None,
                          calib=calib, calib_samples=calib_samples, method=method, rank_ratio=rank_ratio,
                          energy=energy, ranks=ranks, target=target, allocator=allocator, seed=seed, force=force,
                          refit=refit, bias_correction=bias_correction, sequential=sequential, conv=conv,
                          conv_ratio=conv_ratio, rank_multiple=rank_multiple, conv_max_error=conv_max_error,
                          latency_guard=latency_guard, embeddings=embeddings, providers=providers, devices=devices,
-                         dims=dims, threads=threads, batch_size=batch_size, repeats=repeats, validate=validate)
+                         dims=dims, threads=threads, batch_size=batch_size, repeats=repeats, validate=validate,
+                         svd_solver=svd_solver)
 
 
 def _optimize(original, path, streamed, pool, recipe_, tolerance, sampled, *, calib, calib_samples, method,
               rank_ratio, energy, ranks, target, allocator, seed, force, refit, bias_correction, sequential, conv,
               conv_ratio, rank_multiple, conv_max_error, latency_guard, embeddings, providers, devices, dims,
-              threads, batch_size, repeats, validate):
+              threads, batch_size, repeats, validate, svd_solver):
     """:func:`optimize` once the model is loaded and its inputs checked (its parameters)."""
     arrived = import_graph(original)
     int8_weights = prequantized.weight_quantized_nodes(arrived)
@@ -719,7 +730,7 @@ def _optimize(original, path, streamed, pool, recipe_, tolerance, sampled, *, ca
         bias_correction=bias_correction, sequential=sequential, conv=conv, conv_ratio=conv_ratio,
         rank_multiple=rank_multiple, conv_max_error=conv_max_error, latency_guard=latency_guard,
         embeddings=embeddings, providers=providers, dims=dims, threads=threads, batch_size=batch_size,
-        allocator=allocator, seed=seed, memo={} if not streamed else None, executor=pool,
+        allocator=allocator, seed=seed, memo={} if not streamed else None, executor=pool, svd_solver=svd_solver,
         divergence=SEARCH_DIVERGENCE.get(tolerance.metric if tolerance else "", "rel_l2"))
     if recipe_.factorize and target == "lossless":
         target, search = lossless_target(work, tolerance, lambda spec: factorize(import_graph(work), target=spec)[0],

@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from onnxlr import api, io
+from onnxlr import api, io, linalg
+from onnxlr.executors import EXECUTORS
 from onnxlr.errors import OnnxlrError
 from onnxlr.passes.factorize_conv import DECOMPOSITIONS
 from onnxlr.passes.factorize_matmul import METHODS
@@ -123,6 +124,15 @@ def _add_rank_options(p: argparse.ArgumentParser) -> None:
                         "token frequency in --calib")
     p.add_argument("--force", action="store_true",
                    help="factorize even when the rank would not save parameters")
+    p.add_argument("--svd-solver", choices=linalg.SVD_SOLVERS, default="auto",
+                   help="auto (default: randomized SVD where one small rank of a large weight is wanted, "
+                        "exact otherwise), exact or randomized")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="fit weights and score evolutionary candidates in N worker processes (or Ray "
+                        "actors), the cores divided among them as BLAS threads (default 1: this process)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="where --workers run: local processes (default) or ray (RAY_ADDRESS, else a local "
+                        "Ray instance; pip install 'onnxlr[ray]')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +234,8 @@ def cmd_optimize(args) -> int:
         allocator=args.allocator, seed=args.seed, conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
         conv_max_error=args.conv_max_error, latency_guard=args.latency_guard,
         ranks=_parse_ranks(args.rank),
-        force=args.force, embeddings=args.embeddings, validate=not args.no_validate, **_validation_kwargs(args))
+        force=args.force, embeddings=args.embeddings, validate=not args.no_validate, svd_solver=args.svd_solver,
+        workers=args.workers, executor=args.executor, **_validation_kwargs(args))
     if report.passed is False:
         _emit(report, args)
         print(f"onnxlr: result fails the tolerance ({report.tolerance}); {args.output} not written",

@@ -1,7 +1,8 @@
 """Where independent pieces of work run: in this process, in a local process pool, or on Ray.
 
 One interface, ``executor.map(fn, items, shared=obj) -> [fn(obj, item) for item in items]`` (results in
-the order of ``items``), serves the two kinds of work onnxlr spreads out: the per-weight fits of the
+the order of ``items``; ``imap`` yields them one by one, so a caller can store each and let it go
+before the next arrives), serves the two kinds of work onnxlr spreads out: the per-weight fits of the
 factorization passes and the candidate evaluations of the evolutionary rank search. ``shared`` is
 what every call needs and is expensive to send (a model, calibration batches): it travels once per
 worker, not once per item. ``fn`` must be a module-level function and ``shared`` and the items
@@ -20,7 +21,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from onnxlr.errors import OnnxlrError
 
@@ -42,7 +43,10 @@ class SerialExecutor:
     name = "serial"
 
     def map(self, fn: Callable, items: Iterable, *, shared: Any = None) -> list:
-        return [fn(shared, item) for item in items]
+        return list(self.imap(fn, items, shared=shared))
+
+    def imap(self, fn: Callable, items: Iterable, *, shared: Any = None) -> Iterator:
+        return (fn(shared, item) for item in items)
 
     def close(self) -> None:
         pass
@@ -107,15 +111,15 @@ class LocalPool(SerialExecutor):
             self._shared_id = id(shared)
         return self._pool
 
-    def map(self, fn: Callable, items: Iterable, *, shared: Any = None) -> list:
+    def imap(self, fn: Callable, items: Iterable, *, shared: Any = None) -> Iterator:
         items = list(items)
         if self.workers == 1 or len(items) <= 1:
-            from threadpoolctl import threadpool_limits
-
-            with threadpool_limits(self.blas_threads * self.workers):
-                return [fn(shared, item) for item in items]
+            yield from (fn(shared, item) for item in items)
+            return
         pool = self._pool_for(shared)
-        return list(pool.map(_call, [fn] * len(items), items))
+        # the pool pickles an item only when a worker is about to take it: items that are memory maps
+        # are read one (per worker) at a time
+        yield from pool.map(_call, [fn] * len(items), items)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -151,6 +155,7 @@ class RayExecutor(SerialExecutor):
             raise OnnxlrError("the Ray executor needs Ray: pip install 'onnxlr[ray]'") from None
         self._ray = ray
         self._started = not ray.is_initialized()
+        address = address or os.environ.get("RAY_ADDRESS")
         if self._started:
             options = {"address": address} if address else {"num_cpus": workers or available_cores()}
             ray.init(**options, include_dashboard=False, log_to_driver=False,
@@ -160,11 +165,11 @@ class RayExecutor(SerialExecutor):
         self._actors: list = []
         self._shared_id: int | None = None
 
-    def map(self, fn: Callable, items: Iterable, *, shared: Any = None) -> list:
+    def imap(self, fn: Callable, items: Iterable, *, shared: Any = None) -> Iterator:
         ray = self._ray
         items = list(items)
         if not items:
-            return []
+            return
         if not self._actors or self._shared_id != id(shared):
             self._actors = []
             remote = ray.remote(num_cpus=1)(_RayWorker)
@@ -172,9 +177,16 @@ class RayExecutor(SerialExecutor):
             self._actors = [remote.remote(shared_ref, self.blas_threads) for _ in range(self.workers)]
             self._shared_id = id(shared)
         fn_ref = ray.put(fn)
-        # round-robin: item i on actor i mod workers; ray.get keeps the order of the refs
-        refs = [self._actors[i % len(self._actors)].call.remote(fn_ref, item) for i, item in enumerate(items)]
-        return ray.get(refs)
+        # Round-robin, item i on actor i mod workers, at most two items per actor in flight: each item
+        # submitted is copied into Ray's object store, so the window bounds what a large model puts there.
+        window = 2 * len(self._actors)
+        refs = []
+        for i, item in enumerate(items):
+            refs.append(self._actors[i % len(self._actors)].call.remote(fn_ref, item))
+            if len(refs) > window:
+                yield ray.get(refs.pop(0))
+        for ref in refs:
+            yield ray.get(ref)
 
     def close(self) -> None:
         for actor in self._actors:

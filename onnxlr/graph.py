@@ -49,9 +49,10 @@ def mapped_array(tensor: onnx.TensorProto) -> np.ndarray:
 def release_pages(array) -> None:
     """Drop the pages of a memory-mapped ``array`` from this process's memory (they stay in the file and
     are read again if touched): after a weight is factorized, its pages no longer count in the peak."""
-    handle = getattr(array, "_mmap", None)
-    if isinstance(handle, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-        handle.madvise(mmap.MADV_DONTNEED)
+    while array is not None and not isinstance(array, mmap.mmap):  # views (.T, asarray) lead to the map
+        array = getattr(array, "base", None)
+    if array is not None and hasattr(mmap, "MADV_DONTNEED"):
+        array.madvise(mmap.MADV_DONTNEED)
 
 
 # Tensors a pass creates while a spill file is active (:func:`spilling`) go to that file once they

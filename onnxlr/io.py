@@ -266,15 +266,15 @@ def save_model(
     model : the model to write (not modified).
     path : destination ``.onnx`` file; its folder must exist.
     external_data : True to store tensors in ``<name>.data`` beside the model, False to embed them,
-        None (default) to decide by size (external above ~2 GB).
+        None (default) to decide by size (external above ~2 GB, and for a mapped model).
     check : run onnx.checker and shape inference before anything is renamed into place.
 
     Returns the destination path.
     """
     path = Path(path)
     folder = output_folder(path)
-    if external_data is None:
-        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if external_data is None:  # a mapped model stays external: embedding it would load it whole
+        external_data = is_mapped(model) or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     if external_data:  # the conversion below rewrites tensors in place: work on a copy
         model = _copy(model)
     else:

@@ -39,7 +39,7 @@ import onnx_graphsurgeon as gs
 from onnxlr import conv_factors as cf
 from onnxlr import linalg
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import (in_subgraph_reason, read_in_subgraph_reason, subgraph_nodes, subgraph_readers,
+from onnxlr.graph import (in_subgraph_reason, make_constant, read_in_subgraph_reason, subgraph_nodes, subgraph_readers,
                           unique_name)
 from onnxlr.pipeline import LayerChange, PassRecord, config_dict
 from onnxlr.runtimes.stats import TensorStats
@@ -372,14 +372,13 @@ def rewrite(graph: gs.Graph, layer: ConvLayer, cand: Candidate, delta: np.ndarra
 
     current = node.inputs[0]
     for i, (weights, attrs) in enumerate(zip(cand.weights[:-1], stages[:-1])):
-        w = gs.Constant(unique_name(graph, f"{layer.weight.name}/lr_{cand.decomposition}_{i}"),
-                        np.ascontiguousarray(weights.astype(dtype)))
+        w = make_constant(graph, f"{layer.weight.name}/lr_{cand.decomposition}_{i}", weights.astype(dtype))
         out = gs.Variable(unique_name(graph, f"{label}/lr_hidden_{i}"), dtype=dtype)
         graph.nodes.append(gs.Node("Conv", name=unique_name(graph, f"{label}/lr_{i}"), attrs=attrs,
                                    inputs=[current, w], outputs=[out]))
         current = out
-    last = gs.Constant(unique_name(graph, f"{layer.weight.name}/lr_{cand.decomposition}_{len(stages) - 1}"),
-                       np.ascontiguousarray(cand.weights[-1].astype(dtype)))
+    last = make_constant(graph, f"{layer.weight.name}/lr_{cand.decomposition}_{len(stages) - 1}",
+                         cand.weights[-1].astype(dtype))
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     if delta is not None:
         base = np.zeros(layer.W.shape[0], dtype) if bias is None else np.asarray(bias.values)

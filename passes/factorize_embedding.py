@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 
 from onnxlr import linalg
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import consumer_counts, unique_name
+from onnxlr.graph import consumer_counts, make_constant, unique_name
 from onnxlr.pipeline import LayerChange, PassRecord, config_dict
 
 
@@ -132,8 +132,8 @@ class FactorizeEmbedding:
     def _rewrite(graph: gs.Graph, t: Table, A: np.ndarray, B: np.ndarray) -> None:
         node, base = t.node, t.table.name
         label = node.name or base
-        A_c = gs.Constant(unique_name(graph, f"{base}/lr_A"), np.ascontiguousarray(A))
-        B_c = gs.Constant(unique_name(graph, f"{base}/lr_B"), np.ascontiguousarray(B))
+        A_c = make_constant(graph, f"{base}/lr_A", A)
+        B_c = make_constant(graph, f"{base}/lr_B", B)
         hidden = gs.Variable(unique_name(graph, f"{label}/lr_hidden"), dtype=A.dtype)
         out = node.outputs[0]
         node.inputs[0] = A_c

@@ -45,6 +45,7 @@ shared by several nodes is factorized once and its factors are shared too.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Collection, Mapping
@@ -235,6 +236,7 @@ class FactorizeMatMul:
         self.stats = stats
         self.sensitivity = sensitivity or {}
         self.only = None if only is None else set(only)
+        self._shared_cache = cache is not None
         self._cache = {} if cache is None else cache
         self._eigs: dict = self._cache.setdefault("eigs", {})
         self.executor = executor or SerialExecutor()
@@ -389,9 +391,9 @@ class FactorizeMatMul:
         """Per (weight name, transposed): ``(stats used, sensitivity, LazySVD, rank -> (A, B))``."""
         return self._decompositions(layers)[1]
 
-    def _fit_all(self, layers: list[Layer], weight_stats: Mapping, wanted: Mapping[tuple, int]) -> dict:
-        """``WeightFit`` per (weight name, transposed, rank) in ``wanted``, each computed from the weight
-        alone by :func:`fit_weight` on ``self.executor``."""
+    def _fit_all(self, layers: list[Layer], weight_stats: Mapping, wanted: Mapping[tuple, int]):
+        """``(key, WeightFit)`` per key (weight name, transposed, rank) of ``wanted``, in order, each
+        computed from the weight alone by :func:`fit_weight` on ``self.executor``."""
         first = {}
         for layer in layers:
             first.setdefault((layer.weight.name, layer.transposed), layer)
@@ -404,7 +406,7 @@ class FactorizeMatMul:
             jobs.append(WeightJob(weight=layer.W, source=source, rank=rank, eigs=eigs,
                                   sensitivity=self._weight_sensitivity(layers, (name, transposed))))
         worker = FactorizeMatMul(self.config, {}, {})  # the config alone: each job carries its statistics
-        return dict(zip(wanted, self.executor.map(fit_weight, jobs, shared=worker)))
+        return zip(wanted, self.executor.imap(fit_weight, jobs, shared=worker))
 
     def run(self, graph: gs.Graph) -> PassRecord:
         record = PassRecord(self.name, config_dict(self.config))
@@ -416,9 +418,11 @@ class FactorizeMatMul:
             layers = [layer for layer in layers if (layer.weight.name, layer.transposed) in self.only]
 
         # A rank ratio or per-layer ranks fix every rank before any SVD: each weight is then fitted on
-        # its own (in parallel, randomized where that pays, one weight in memory at a time). An energy
-        # rule or a budget reads whole spectra first: those keep one exact decomposition per weight.
-        spectra_first = self.config.energy is not None or self.config.param_budget is not None
+        # its own (on the executor, randomized where that pays, one weight in memory at a time). An
+        # energy rule or a budget reads whole spectra first, and a shared cache is there to keep
+        # decompositions for later allocations: those keep one exact decomposition per weight.
+        spectra_first = (self.config.energy is not None or self.config.param_budget is not None
+                         or self._shared_cache)
         weight_stats = self._weight_stats(layers)
         decompositions = self._decompositions(layers)[1] if spectra_first else {}
         allocated = self._allocate(layers, decompositions) if self.config.param_budget is not None else None
@@ -459,17 +463,22 @@ class FactorizeMatMul:
 
         wanted = dict.fromkeys((layer.weight.name, layer.transposed, rank) for layer, rank, _ in planned)
         if spectra_first:
-            fits = {fkey: self._fit(layer_of(layers, fkey), fkey[2], decompositions[fkey[:2]],
-                                    weight_stats.get(fkey[:2])) for fkey in wanted}
+            fits = ((fkey, self._fit(layer_of(layers, fkey), fkey[2], decompositions[fkey[:2]],
+                                     weight_stats.get(fkey[:2]))) for fkey in wanted)
         else:
             fits = self._fit_all(layers, weight_stats, wanted)
-        constants: dict[tuple[str, bool, int], tuple] = {}
+            record.config["executor"] = self.executor.describe()
+        # Each fit becomes graph constants as it arrives (spilled to disk for a mapped model), so the
+        # float64 factors of only one weight are in memory at a time.
+        made: dict[tuple[str, bool, int], tuple] = {}
+        for fkey, fit in fits:
+            layer = layer_of(layers, fkey)
+            made[fkey] = (self._constants(graph, layer, fit.A, fit.B),
+                          dataclasses.replace(fit, A=None, B=None))
         for layer, rank, details in planned:
             fkey = (layer.weight.name, layer.transposed, rank)
-            fit = fits[fkey]
-            if fkey not in constants:
-                constants[fkey] = self._constants(graph, layer, fit.A, fit.B)
-            self._rewrite(graph, layer, *constants[fkey])
+            constants, fit = made[fkey]
+            self._rewrite(graph, layer, *constants)
             if fit.delta is not None:
                 _add_bias(graph, layer, fit.delta.astype(layer.W.dtype))
             k, n = layer.W.shape
