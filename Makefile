@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned inside the [models] extra, in this same command, so pip takes the CPU wheel.
-	$(PY) -m pip install -q -e '.[models,dev]'
+	$(PY) -m pip install -q -e '.[models,dev,ray]'
 	# Pretrained graphs for the coverage tests, read as files from the wheels (never imported):
 	# --no-deps, since rapidocr-onnxruntime would pull opencv-python over opencv-python-headless.
 	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3
@@ -31,13 +31,15 @@ $(OV_VENV)/.installed: Makefile
 	touch $@
 
 test: $(VENV)/.installed $(OV_VENV)/.installed
-	ONNXLR_OPENVINO_PYTHON=$(OV_VENV)/bin/python $(PY) -m pytest -q
+	ONNXLR_OPENVINO_PYTHON=$(OV_VENV)/bin/python ONNXLR_REQUIRE_RAY=1 $(PY) -m pytest -q
 
 bench: $(VENV)/.installed
 	$(PY) bench/plain_svd.py --write docs/benchmarks.md
 	$(PY) bench/calibrated.py --write docs/benchmarks.md
 	$(PY) bench/allocation_costs.py --write docs/benchmarks.md
 	$(PY) bench/allocators.py --write docs/benchmarks.md --plot docs/allocators.png
+	$(PY) bench/svd_solvers.py --write docs/benchmarks.md
+	$(PY) bench/scaling.py --write docs/benchmarks.md
 	$(PY) bench/conv.py --write docs/benchmarks.md
 	$(PY) bench/quantize.py --write docs/benchmarks.md
 

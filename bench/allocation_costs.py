@@ -27,7 +27,7 @@ from onnxlr.pipeline import PassManager
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calibrated import LEVELS, level_ranks  # noqa: E402
-from plain_svd import bench_parser, emit  # noqa: E402
+from plain_svd import cache_main  # noqa: E402
 
 MARK = "allocation-costs"
 
@@ -76,8 +76,7 @@ def section(cache: Path) -> str:
 
 
 def main(argv=None) -> int:
-    args = bench_parser(__doc__, MARK).parse_args(argv)
-    return emit(section(args.cache_dir), args, MARK)
+    return cache_main(section, __doc__, MARK, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -135,6 +135,12 @@ def emit(body: str, args: argparse.Namespace, mark: str) -> int:
     return 0
 
 
+def cache_main(section, doc: str, mark: str, argv=None) -> int:
+    """``main`` of a benchmark whose section needs only the cache folder: ``section(cache_dir)``."""
+    args = bench_parser(doc, mark).parse_args(argv)
+    return emit(section(args.cache_dir), args, mark)
+
+
 def main(argv=None) -> int:
     parser = bench_parser(__doc__, MARK)
     parser.add_argument("--repeats", type=int, default=30)

@@ -55,6 +55,16 @@ def _fit(params, values) -> float:
     return float(np.polyfit(np.log(params), np.log(values), 1)[0])
 
 
+def growth_line(kind: str, params, seconds, peak) -> str:
+    """The fitted exponents over every size, and from 50M parameters up (past the fixed start-up:
+    imports, ~2.5 s and ~270 MB, which flatten the small end)."""
+    params, seconds, peak = map(np.asarray, (params, seconds, peak))
+    big = params >= 5e7
+    return (f"- {kind}, {params[0] / 1e6:.1f}M–{params[-1] / 1e6:,.0f}M: time ∝ params^{_fit(params, seconds):.2f}, "
+            f"peak memory ∝ params^{_fit(params, peak):.2f}; from 50M up: time ∝ params^"
+            f"{_fit(params[big], seconds[big]):.2f}, peak ∝ params^{_fit(params[big], peak[big]):.2f}")
+
+
 def bench(kind: str, sizes, work: Path, largest: int | None) -> tuple[list[str], list[tuple]]:
     rows, points = [], []
     for width, depth in sizes:
@@ -84,7 +94,7 @@ def bench(kind: str, sizes, work: Path, largest: int | None) -> tuple[list[str],
 
 def section(work: Path, largest: int | None) -> str:
     lines = [f"<!-- {MARK}:begin -->", "## Optimizer cost vs model size, issue #9", "",
-             f"Command: `python bench/scaling.py --write docs/benchmarks.md` (2 cores; each run `onnxlr optimize "
+             "Command: `python bench/scaling.py --write docs/benchmarks.md` (2 cores; each run `onnxlr optimize "
              "MODEL --rank-ratio 0.2 --no-validate`, CNNs with `--conv channel --conv-ratio 0.4`, in a fresh "
              "process; every model stored with external data, so processed streamed). Peak = the process's "
              "maximum resident set (interpreter, onnx, onnxruntime and numpy included: about 270 MB before "
@@ -96,10 +106,7 @@ def section(work: Path, largest: int | None) -> str:
         lines += rows
         if len(points) >= 3:
             params, seconds, peak, _ = map(np.array, zip(*points))
-            big = params >= 1e7  # past the fixed start-up (imports, ~2.5 s and ~270 MB)
-            fits.append(f"- {kind}, {params[0] / 1e6:.1f}M–{params[-1] / 1e6:,.0f}M: time ∝ params^"
-                        f"{_fit(params, seconds):.2f}, peak memory ∝ params^{_fit(params, peak):.2f}; from 10M up: "
-                        f"time ∝ params^{_fit(params[big], seconds[big]):.2f}, peak ∝ params^{_fit(params[big], peak[big]):.2f}")
+            fits.append(growth_line(kind, params, seconds, peak))
     lines += ["", "Fitted growth (least squares on log–log):", "", *fits, f"<!-- {MARK}:end -->"]
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_svd import bench_parser, emit  # noqa: E402
+from plain_svd import cache_main  # noqa: E402
 
 from onnxlr import linalg  # noqa: E402
 
@@ -94,8 +94,7 @@ def section(cache: Path) -> str:
 
 
 def main(argv=None) -> int:
-    args = bench_parser(__doc__, MARK).parse_args(argv)
-    return emit(section(args.cache_dir), args, MARK)
+    return cache_main(section, __doc__, MARK, argv)
 
 
 if __name__ == "__main__":

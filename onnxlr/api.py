@@ -183,12 +183,13 @@ def sample_inputs(model: onnx.ModelProto, inputs: InputsLike = None, dims: Mappi
     return feeds_mod.load_npz(inputs, model), str(inputs)
 
 
-def _validate(original: onnx.ModelProto, optimized: onnx.ModelProto, *, providers, devices, sampled,
+def _validate(original: onnx.ModelProto | Path, optimized: onnx.ModelProto | Path, *, providers, devices, sampled,
               threads, batch_size, repeats):
-    """``sampled``: ``(feeds, label)`` from :func:`sample_inputs`."""
+    """``sampled``: ``(feeds, label)`` from :func:`sample_inputs`. A model given as a path (a streamed
+    one, with its external data beside it) is opened by ONNX Runtime from its file."""
     feeds, label = sampled
     return validate_models(
-        original.SerializeToString(), optimized.SerializeToString(), feeds,
+        *(m if isinstance(m, Path) else m.SerializeToString() for m in (original, optimized)), feeds,
         providers=providers, devices=parse_devices(devices), threads=threads or default_threads(),
         batch_size=batch_size, repeats=repeats, inputs_label=label,
     )
@@ -694,11 +695,12 @@ def optimize(
     streamed = io.is_mapped(original)
     if validate:  # bad inputs, or an original that cannot run or gives NaN/Inf on them: fail before any rewrite
         sampled = sample_inputs(original, inputs, dims)  # read once, used again by every validation below
-        feeds_mod.check_original_outputs(io.materialize(original), *sampled, threads=threads, batch_size=batch_size)
+        feeds_mod.check_original_outputs(Path(path) if streamed else original, *sampled, threads=threads,
+                                         batch_size=batch_size)
     own = isinstance(executor, str)  # an executor object given is the caller's to close
     pool_context = make_executor(executor, workers) if own else contextlib.nullcontext(executor)
-    with (spilling() if streamed else contextlib.nullcontext()), pool_context as pool:
-        return _optimize(original, path, streamed, pool, recipe_, tolerance, sampled if validate else None,
+    with (spilling() if streamed else contextlib.nullcontext()) as spill, pool_context as pool:
+        return _optimize(original, path, spill, pool, recipe_, tolerance, sampled if validate else None,
                          calib=calib, calib_samples=calib_samples, method=method, rank_ratio=rank_ratio,
                          energy=energy, ranks=ranks, target=target, allocator=allocator, seed=seed, force=force,
                          refit=refit, bias_correction=bias_correction, sequential=sequential, conv=conv,
@@ -708,11 +710,13 @@ def optimize(
                          svd_solver=svd_solver)
 
 
-def _optimize(original, path, streamed, pool, recipe_, tolerance, sampled, *, calib, calib_samples, method,
+def _optimize(original, path, spill, pool, recipe_, tolerance, sampled, *, calib, calib_samples, method,
               rank_ratio, energy, ranks, target, allocator, seed, force, refit, bias_correction, sequential, conv,
               conv_ratio, rank_multiple, conv_max_error, latency_guard, embeddings, providers, devices, dims,
               threads, batch_size, repeats, validate, svd_solver):
-    """:func:`optimize` once the model is loaded and its inputs checked (its parameters)."""
+    """:func:`optimize` once the model is loaded and its inputs checked (its parameters); ``spill``:
+    the spill file of a streamed model, else None."""
+    streamed = spill is not None
     arrived = import_graph(original)
     int8_weights = prequantized.weight_quantized_nodes(arrived)
     # Weights computed from constants (int8 QDQ weights among them) become float initializers first;
@@ -752,15 +756,20 @@ def _optimize(original, path, streamed, pool, recipe_, tolerance, sampled, *, ca
             optimized, compressed = _compress(optimized, steps, calib, samples=calib_samples,
                                               batch_size=batch_size, threads=threads)
             built += compressed
+        candidate = optimized
         try:
-            if not streamed:  # a streamed model is checked by path when written (io.save_model)
+            if streamed:  # written beside the spill file, checked by path, validated from there
+                candidate = io.save_model(optimized, spill.path.parent / "optimized.onnx", external_data=True)
+            else:
                 io.check_model(optimized)
+        except OnnxlrError:
+            raise  # no room to write the candidate: the user's disk, not a bug
         except Exception as exc:  # a broken rewrite is a bug in onnxlr, not a user error
             raise RuntimeError(f"onnxlr produced an invalid model: {exc}") from exc
         report = Report(ModelSummary.of(original, path), ModelSummary.of(optimized), built, tolerance=tolerance,
                         streamed=streamed)
         if validate:
-            report.validation = _validate(io.materialize(original), io.materialize(optimized),
+            report.validation = _validate(Path(path) if streamed else original, candidate,
                                           providers=providers, devices=devices,
                                           sampled=sampled,
                                           threads=threads, batch_size=batch_size, repeats=repeats)
@@ -799,10 +808,12 @@ def validate(
 ) -> Report:
     """Compare two models' outputs and latency on each provider (see :func:`optimize`)."""
     tolerance = parse_tolerance(max_error)
-    ref, ref_path = _load(original)
-    opt, opt_path = _load(optimized)
+    # a file with external data stays in its files (mapped) and ONNX Runtime opens it by path
+    ref, ref_path = _load(original, mapped=True)
+    opt, opt_path = _load(optimized, mapped=True)
     report = Report(ModelSummary.of(ref, ref_path), ModelSummary.of(opt, opt_path), tolerance=tolerance)
-    report.validation = _validate(ref, opt, providers=providers, devices=devices,
+    ref_source, opt_source = (Path(p) if io.is_mapped(m) else m for m, p in ((ref, ref_path), (opt, opt_path)))
+    report.validation = _validate(ref_source, opt_source, providers=providers, devices=devices,
                                   sampled=sample_inputs(ref, inputs, dims),
                                   threads=threads, batch_size=batch_size, repeats=repeats)
     return report

@@ -308,7 +308,8 @@ def cmd_demo(args) -> int:
         allocator=args.allocator, seed=args.seed, conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
         conv_max_error=args.conv_max_error, latency_guard=args.latency_guard,
         ranks=_parse_ranks(args.rank),
-        force=args.force, embeddings=args.embeddings, providers=args.providers, inputs=eval_npz)
+        force=args.force, embeddings=args.embeddings, providers=args.providers, inputs=eval_npz,
+        svd_solver=args.svd_solver, workers=args.workers, executor=args.executor)
     api.write(optimized, output, source=model_path)
     report.optimized.path = str(output)
     print(report.format())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +115,12 @@ class Report:
             methods = sorted({c.details.get("method", "") for c in record.rewritten} - {""})
             if methods:
                 lines.append(f"  method: {', '.join(methods)}")
+            solvers = Counter(c.details["svd_solver"] for c in record.rewritten if "svd_solver" in c.details)
+            if solvers:
+                where = record.config.get("executor")
+                lines.append(f"  svd: {', '.join(f'{n} {name}' for name, n in sorted(solvers.items()))}"
+                             + (f"; {where['workers']} {where['executor']} workers × {where['blas_threads']} BLAS "
+                                f"threads" if where and where["executor"] != "serial" else ""))
             for change in record.rewritten:
                 lines.append(_rewritten_line(change))
             reasons: dict[str, list[str]] = {}

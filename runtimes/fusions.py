@@ -36,6 +36,9 @@ def fused_op_counts(model: bytes | str | os.PathLike, threads: int = 1) -> Count
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        # a model above protobuf's 2 GB (external data) can only be saved with its weights beside it
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         "optimized.onnx.data")
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
         source = model if isinstance(model, bytes) else str(model)

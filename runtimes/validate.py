@@ -13,8 +13,10 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from onnxlr.errors import OnnxlrError
+from onnxlr.io import has_external_data
 from onnxlr.runtimes import compare as cmp
 from onnxlr.runtimes import fusions, mobile, profiling
 from onnxlr.runtimes import latency as lat
@@ -88,10 +90,13 @@ def validate_models(
     specs = parse_provider_specs(providers)
     names = ALL if any(s.name == ALL for s in specs) else [s.name for s in specs]
     options = {s.name: s.options for s in specs if s.options}
-    models = {"original": _bytes(original), "optimized": _bytes(optimized)}
+    # Local runs open a model given as a path from its file (external data beside it); a device
+    # gets the bytes.
+    local = {"original": _local(original), "optimized": _local(optimized)}
     first = next(batches(feeds, batch_size))
     results, warnings = [], []
     for device in devices or [Device("local")]:
+        models = local if device.is_local else {label: _bytes(m) for label, m in local.items()}
         response = device.run(models, feeds, providers=names, provider_options=options, threads=threads,
                               batch_size=batch_size, warmup=warmup, repeats=repeats, profile_runs=profile_runs)
         for raw in response["results"]:
@@ -112,8 +117,10 @@ def validate_models(
             results.append(result)
     checks = []
     if names == ALL or any(n in MOBILE_PROVIDERS for n in names):
-        checks = mobile.compare_models(models["original"], models["optimized"],
-                                       {k: list(v.shape) for k, v in first.items()})
+        # the static check reads the graph, not the weights: a model with external data is read without them
+        graphs = [onnx.load(m, load_external_data=False) if isinstance(m, str) else m
+                  for m in (local["original"], local["optimized"])]
+        checks = mobile.compare_models(*graphs, {k: list(v.shape) for k, v in first.items()})
         warnings.extend(w for check in checks for w in check.warnings)
     leading = {v.shape[0] for v in feeds.values() if v.ndim}
     return Validation(
@@ -154,9 +161,19 @@ def _provider_result(raw: dict, device: Device, version: str) -> ProviderResult:
     return result
 
 
+def _local(model: ModelSource) -> bytes | str:
+    """What the local runner opens: the bytes, or the path of a model with external data."""
+    if isinstance(model, bytes):
+        return model
+    return str(model) if has_external_data(model) else _bytes(model)
+
+
 def _bytes(model: ModelSource) -> bytes:
     if isinstance(model, bytes):
         return model
+    if has_external_data(model):
+        raise OnnxlrError(f"{model} keeps its weights in external data files: it is validated on this "
+                          "machine only, not sent to --device")
     with open(model, "rb") as f:
         return f.read()
 

@@ -75,6 +75,8 @@ def test_evolutionary_search_on_a_local_pool_matches_serial(mlp_proto):
 def local_ray():
     """One local Ray instance (2 CPUs) for the Ray tests."""
     if not HAS_RAY:
+        if os.environ.get("ONNXLR_REQUIRE_RAY"):  # make test installs Ray: there it must run
+            pytest.fail("ONNXLR_REQUIRE_RAY is set but Ray is not installed")
         pytest.skip("Ray is not installed (pip install 'onnxlr[ray]'; make test installs it)")
     from onnxlr.executors import RayExecutor
 

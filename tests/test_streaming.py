@@ -59,6 +59,7 @@ def test_streamed_run_validates_and_keeps_factors_out_of_memory(tmp_path, monkey
     source = _mlp(tmp_path / "mlp.onnx")
     optimized, report = api.optimize(source, rank_ratio=0.25, inputs=None, max_error="rel_l2=10")
     assert report.streamed and report.validation is not None and report.passed
+    assert [p.status for p in report.validation.providers] == ["ran"]
     factors = [t for t in optimized.graph.initializer if "/lr_" in t.name]
     assert factors and all(t.data_location == TensorProto.EXTERNAL for t in factors)
     out = api.write(optimized, tmp_path / "out" / "small.onnx" if (tmp_path / "out").mkdir() is None else None,
@@ -84,3 +85,46 @@ def test_a_tensor_beyond_its_data_file_is_refused(tmp_path):
     data.write_bytes(data.read_bytes()[:-100])
     with pytest.raises(api.OnnxlrError, match="needs .* bytes at offset"):
         io.load_model(source, mapped=True)
+
+
+def test_cli_streams_an_external_data_model_and_keeps_it_external(tmp_path, capsys):
+    import json
+
+    import onnxruntime as ort
+
+    from onnxlr.cli import main
+
+    source = _mlp(tmp_path / "mlp.onnx")
+    out, report = tmp_path / "small.onnx", tmp_path / "report.json"
+    assert main(["optimize", str(source), "-o", str(out), "--rank-ratio", "0.25", "--no-validate",
+                 "--svd-solver", "exact", "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["streamed"] is True
+    assert {layer["details"]["svd_solver"] for layer in data["passes"][-1]["layers"]
+            if layer["action"] == "rewritten"} == {"exact"}
+    assert (tmp_path / "small.onnx.data").exists()  # a streamed input stays external
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.ones((2, 96), np.float32)})[0].shape == (2, 128)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "0"], "workers must be at least 1"),
+    (["--executor", "dask"], "invalid choice"),
+    (["--svd-solver", "lanczos"], "invalid choice"),
+])
+def test_cli_refuses_bad_executor_options(tmp_path, capsys, argv, message):
+    from conftest import user_error_line
+
+    source = _mlp(tmp_path / "mlp.onnx")
+    line = user_error_line(capsys, ["optimize", source, "-o", tmp_path / "o.onnx", "--no-validate", *argv])
+    assert message in line
+
+
+def test_validate_opens_external_data_models_from_their_files(tmp_path):
+    source = _mlp(tmp_path / "mlp.onnx")
+    optimized, _ = api.optimize(source, rank_ratio=0.5, validate=False)
+    out = api.write(optimized, tmp_path / "o" / "small.onnx" if (tmp_path / "o").mkdir() is None else None,
+                    source=source)
+    report = api.validate(source, out, max_error="rel_l2=10", repeats=2)
+    assert report.passed and report.original.params > report.optimized.params
+    assert report.original.bytes == pytest.approx(sum(f.stat().st_size for f in tmp_path.glob("mlp.onnx*")), rel=1e-3)
