@@ -43,7 +43,8 @@ def section(cache: Path) -> str:
              "| configuration | wall s | peak MB | output cosine (mean / worst sample) |", "|---|---|---|---|"]
     out = cache / "pipeline.small.onnx"
     for name, extra in CONFIGS:
-        seconds, peak, log = run_optimize(model, out, "--calib", str(calib), "--inputs", str(held_out), *extra)
+        seconds, peak, log = run_optimize(model, out, "--calib", str(calib), "--inputs", str(held_out), *extra,
+                                          validate=True)
         found = re.search(r"cosine ([0-9.]+) \(worst sample ([0-9.]+)\)", log)
         cosine = f"{found.group(1)} / {found.group(2)}" if found else "?"
         lines.append(f"| {name} | {seconds:.1f} | {peak:,.0f} | {cosine} |")

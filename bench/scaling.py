@@ -34,9 +34,10 @@ TRANSFORMERS = ((64, 20), (128, 20), (256, 16), (512, 12), (1024, 8), (1536, 12)
 CNNS = ((64, 24), (128, 24), (256, 24), (512, 24), (1024, 24))  # (channels, layers)
 
 
-def run_optimize(model: Path, out: Path, *extra: str) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MB, last report lines) of one `onnxlr optimize` process."""
-    command = [sys.executable, "-m", "onnxlr", "optimize", str(model), "-o", str(out), "--no-validate", *extra]
+def run_optimize(model: Path, out: Path, *extra: str, validate: bool = False) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MB, its report text) of one `onnxlr optimize` process."""
+    command = [sys.executable, "-m", "onnxlr", "optimize", str(model), "-o", str(out), *extra,
+               *([] if validate else ["--no-validate"])]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = process.stdout.read()

@@ -40,6 +40,7 @@ class SerialExecutor:
     """Runs every item here, one after another."""
 
     workers = 1
+    blas_threads = None  # whatever this process has
     name = "serial"
 
     def map(self, fn: Callable, items: Iterable, *, shared: Any = None) -> list:

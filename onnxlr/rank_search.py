@@ -257,10 +257,12 @@ def search(table: LevelTable, budget: float, allocator: str, candidates: Candida
         search_ids = list(range(n - n // 4)) if n >= 4 else list(range(n))
         check_ids = list(range(n - n // 4, n)) if n >= 4 else list(range(n))
         executor = executor or SerialExecutor()
+        # workers share the cores: each runner copy gets the executor's threads per worker
+        shared = runner.with_threads(executor.blas_threads) if executor.workers > 1 else runner
 
         def fitness(jobs):
             return executor.map(_divergence, [(candidates.weights(p), [search_ids[i] for i in ids]) for p, ids in jobs],
-                                shared=runner)
+                                shared=shared)
 
         local_before = runner.evaluations
         picks, log = allocation.evolutionary(

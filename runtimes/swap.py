@@ -15,6 +15,8 @@ the mean per-sample cosine).
 
 from __future__ import annotations
 
+import copy
+
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -104,6 +106,13 @@ class SwapRunner:
         reference = make_session(model.SerializeToString(), provider, threads)
         self.reference = [reference.run(None, batch) for batch in self.batches]
         self.evaluations = 0
+
+    def with_threads(self, threads: int) -> "SwapRunner":
+        """A copy for an executor's workers, whose sessions get ``threads`` intra-op threads each (so
+        workers × threads stays within the cores)."""
+        twin = copy.copy(self)
+        twin._threads = threads
+        return twin
 
     def __getstate__(self):
         # An ORT session does not pickle: a copy (an executor's worker) opens its own.

@@ -117,7 +117,8 @@ def test_randomized_svd_is_deterministic_for_a_seed_and_exact_on_low_rank():
 def test_solver_choice_is_automatic_and_reported():
     assert linalg.svd_solver((256, 4096), 10) == "exact"  # small side below RANDOMIZED_MIN_SIZE
     assert linalg.svd_solver((1024, 4096), 100) == "randomized"
-    assert linalg.svd_solver((1024, 4096), 400) == "exact"  # rank above RANDOMIZED_MAX_SHARE
+    assert linalg.svd_solver((1024, 4096), 200) == "exact"  # above 25% x 1024 / 2048 of the side
+    assert linalg.svd_solver((2048, 8192), 500) == "randomized"  # within 25% at 2048 and above
     assert linalg.svd_solver((1024, 4096), None) == "exact"  # the whole spectrum is wanted
     assert linalg.svd_solver((64, 64), 3, "randomized") == "randomized"
     with pytest.raises(ValueError, match="unknown SVD solver"):
@@ -143,7 +144,7 @@ def test_factorize_pass_reports_the_solver(tmp_path):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 768])],
                           [numpy_helper.from_array(W, "W")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    for ratio, solver in ((0.1, "randomized"), (0.5, "exact")):
+    for ratio, solver in ((0.05, "randomized"), (0.5, "exact")):
         _, report = onnxlr.optimize(model, rank_ratio=ratio, validate=False)
         (layer,) = report.pass_named("factorize_matmul").rewritten
         assert layer.details["svd_solver"] == solver
