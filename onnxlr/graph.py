@@ -112,10 +112,13 @@ def _remove_at_exit(path: Path) -> None:
     atexit.register(lambda: shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True))
 
 
-def make_constant(graph: gs.Graph, name: str, values: np.ndarray) -> gs.Constant:
-    """A new constant named ``name`` (made unique in ``graph``), spilled to disk when a spill file is
+def make_constant(graph: gs.Graph, name: str, values: np.ndarray, taken: set[str] | None = None) -> gs.Constant:
+    """A new constant named ``name`` (made unique in ``graph`` and among ``taken``, the names of
+    constants made but not yet in the graph, which it joins), spilled to disk when a spill file is
     active and it is large (see :func:`spilling`)."""
-    name = unique_name(graph, name)
+    name = unique_name(graph, name, taken or ())
+    if taken is not None:
+        taken.add(name)
     values = np.ascontiguousarray(values)
     spill = _SPILL.get()
     if spill is not None and values.nbytes >= SPILL_MIN_BYTES:
@@ -268,9 +271,10 @@ def read_in_subgraph_reason(name: str, owner: gs.Node) -> str:
             f"would keep the dense copy")
 
 
-def unique_name(graph: gs.Graph, base: str) -> str:
-    """``base``, or ``base_1``, ``base_2``… — the first name no tensor or node in ``graph`` uses."""
-    taken = set(graph.tensors().keys()) | {node.name for node in graph.nodes}
+def unique_name(graph: gs.Graph, base: str, also=()) -> str:
+    """``base``, or ``base_1``, ``base_2``… — the first name no tensor or node in ``graph`` uses (nor
+    any of ``also``)."""
+    taken = set(graph.tensors().keys()) | {node.name for node in graph.nodes} | set(also)
     name, i = base, 0
     while name in taken:
         i += 1

@@ -471,9 +471,10 @@ class FactorizeMatMul:
         # Each fit becomes graph constants as it arrives (spilled to disk for a mapped model), so the
         # float64 factors of only one weight are in memory at a time.
         made: dict[tuple[str, bool, int], tuple] = {}
+        names: set[str] = set()  # of the factors made, not yet in the graph
         for fkey, fit in fits:
             layer = layer_of(layers, fkey)
-            made[fkey] = (self._constants(graph, layer, fit.A, fit.B),
+            made[fkey] = (self._constants(graph, layer, fit.A, fit.B, names),
                           dataclasses.replace(fit, A=None, B=None))
         for layer, rank, details in planned:
             fkey = (layer.weight.name, layer.transposed, rank)
@@ -495,11 +496,11 @@ class FactorizeMatMul:
                          svd.energy_kept(rank), svd.solver_for(rank))
 
     @staticmethod
-    def _constants(graph, layer, A, B):
+    def _constants(graph, layer, A, B, taken: set[str]):
         dtype = layer.W.dtype
         base = layer.weight.name
-        return (make_constant(graph, f"{base}/lr_A", A.astype(dtype)),
-                make_constant(graph, f"{base}/lr_B", B.astype(dtype)))
+        return (make_constant(graph, f"{base}/lr_A", A.astype(dtype), taken),
+                make_constant(graph, f"{base}/lr_B", B.astype(dtype), taken))
 
     @staticmethod
     def _rewrite(graph: gs.Graph, layer: Layer, A: gs.Constant, B: gs.Constant) -> None:
