@@ -109,6 +109,14 @@ def level_table(layers, decompositions: Mapping, unit_costs: Mapping[str, float]
     return table
 
 
+@dataclass
+class _LayerWeight:
+    """A layer as :meth:`Candidates.weight` reads it: its logical (k, n) weight and orientation."""
+
+    W: np.ndarray
+    transposed: bool
+
+
 class Candidates:
     """Dense-equivalent weights of any level of any layer, for :class:`SwapRunner`, computed once each."""
 
@@ -144,6 +152,15 @@ class Candidates:
             self._bytes -= old.nbytes
         return found
 
+    def __getstate__(self):
+        # What an executor's worker needs to build weights: the decompositions, each layer's logical
+        # weight and orientation, the pass's config; not the graph, the statistics or the memo.
+        state = dict(self.__dict__)
+        state["factorize"] = type(self.factorize)(self.factorize.config, {}, {})
+        state["layer"] = {key: _LayerWeight(layer.W, layer.transposed) for key, layer in self.layer.items()}
+        state["_memo"], state["_bytes"] = OrderedDict(), 0
+        return state
+
     def weights(self, picks: Sequence[int]) -> dict:
         chosen = {key: self.weight(key, rank) for key, rank in self.fixed.items()}
         chosen.update({key: self.weight(key, int(r[j])) for key, r, j in zip(self.table.keys, self.table.ranks, picks)})
@@ -176,9 +193,19 @@ def measure_end_to_end(table: LevelTable, candidates: Candidates, runner: SwapRu
         table.end_to_end.append(curve)
 
 
-def _divergence(runner: SwapRunner, job: tuple) -> float:
-    """An executor job: the end-to-end divergence of ``job = (weights, batch ids)``."""
-    return runner.divergence(*job)
+@dataclass
+class CandidateScorer:
+    """What scores candidates end to end: the runner and the candidates' weights (an executor sends
+    it to each worker once)."""
+
+    runner: SwapRunner
+    candidates: Candidates
+
+
+def _score(scorer: CandidateScorer, job: tuple) -> float:
+    """An executor job: the end-to-end divergence of ``job = (picks, batch ids)``."""
+    picks, ids = job
+    return scorer.runner.divergence(scorer.candidates.weights(picks), ids)
 
 
 @dataclass
@@ -257,12 +284,13 @@ def search(table: LevelTable, budget: float, allocator: str, candidates: Candida
         search_ids = list(range(n - n // 4)) if n >= 4 else list(range(n))
         check_ids = list(range(n - n // 4, n)) if n >= 4 else list(range(n))
         executor = executor or SerialExecutor()
-        # workers share the cores: each runner copy gets the executor's threads per worker
-        shared = runner.with_threads(executor.blas_threads) if executor.workers > 1 else runner
+        # Workers get the runner and the decompositions once, then only each candidate's picks; they
+        # share the cores: each runner copy gets the executor's threads per worker.
+        scorer = CandidateScorer(runner.with_threads(executor.blas_threads) if executor.workers > 1 else runner,
+                                 candidates)
 
         def fitness(jobs):
-            return executor.map(_divergence, [(candidates.weights(p), [search_ids[i] for i in ids]) for p, ids in jobs],
-                                shared=shared)
+            return executor.map(_score, [(p, [search_ids[i] for i in ids]) for p, ids in jobs], shared=scorer)
 
         local_before = runner.evaluations
         picks, log = allocation.evolutionary(

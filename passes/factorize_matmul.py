@@ -337,22 +337,15 @@ class FactorizeMatMul:
             whitened = linalg.WhitenedSVD.fit(W, (lam, Q), col_weights=weights, solver=solver)
             return whitened.svd, whitened.factors
         if method == "isvt":
-            return (linalg.WhitenedSVD.fit(W, (lam, Q), solver="exact").svd,
-                    lambda r: linalg.isvt(W, gram, r, eig=(lam, Q))[:2])
+            return linalg.WhitenedSVD.fit(W, (lam, Q), solver="exact").svd, _ISVTFactors(W, gram, (lam, Q))
         svd, factors = _svd_factors(W, solver)
         if method == "asvd":
-            factors = lambda r: linalg.asvd(W, st.mean_abs, r)  # noqa: E731
+            factors = _ASVDFactors(W, st.mean_abs)
         if not self.config.refit:
             return svd, factors
         # Refit B against the clamped Gram Q diag(lam) Qᵀ: on directions the calibration data never
         # reaches, the raw Gram would let B drift arbitrarily far from W.
-        clamped = (Q * lam) @ Q.T
-
-        def refitted(rank):
-            A = factors(rank)[0]
-            return A, linalg.refit_output_factor(W, A, clamped)
-
-        return svd, refitted
+        return svd, _Refitted(factors, W, (Q * lam) @ Q.T)
 
     def _decompositions(self, layers: list[Layer]) -> tuple[dict, dict]:
         """Per weight key: its statistics, and ``(stats used, sensitivity, LazySVD, rank -> factors)``."""
@@ -524,7 +517,49 @@ def _svd_factors(W: np.ndarray, solver: str = "auto"):
     """Plain SVD computed once, when first needed: ``(LazySVD, rank -> (A, B))`` with the values
     split evenly."""
     svd = linalg.LazySVD(W, solver)
-    return svd, lambda r: linalg.split_factors(*svd.top(r))
+    return svd, _PlainFactors(svd)
+
+
+# The ``rank -> (A, B)`` functions of the decompositions, as small objects rather than closures so
+# that a decomposition pickles (an executor's workers receive them: rank_search.CandidateScorer).
+@dataclass
+class _PlainFactors:
+    svd: linalg.LazySVD
+
+    def __call__(self, rank: int):
+        return linalg.split_factors(*self.svd.top(rank))
+
+
+@dataclass
+class _ISVTFactors:
+    W: np.ndarray
+    gram: np.ndarray
+    eig: tuple
+
+    def __call__(self, rank: int):
+        return linalg.isvt(self.W, self.gram, rank, eig=self.eig)[:2]
+
+
+@dataclass
+class _ASVDFactors:
+    W: np.ndarray
+    mean_abs: np.ndarray
+
+    def __call__(self, rank: int):
+        return linalg.asvd(self.W, self.mean_abs, rank)
+
+
+@dataclass
+class _Refitted:
+    """``factors``' A with B refitted to the layer's output under the clamped Gram."""
+
+    factors: object
+    W: np.ndarray
+    clamped: np.ndarray
+
+    def __call__(self, rank: int):
+        A = self.factors(rank)[0]
+        return A, linalg.refit_output_factor(self.W, A, self.clamped)
 
 
 def layer_of(layers: list[Layer], key: tuple) -> Layer:

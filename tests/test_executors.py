@@ -98,3 +98,31 @@ def test_ray_executor_fits_weights_like_serial(mlp_proto, local_ray):
     on_ray, _ = onnxlr.optimize(mlp_proto, calib=calib, rank_ratio=0.5, validate=False, executor=local_ray)
     assert on_ray.SerializeToString() == serial.SerializeToString()
     assert local_ray.describe() == {"executor": "ray", "workers": 2, "blas_threads": 1}
+
+
+@pytest.mark.parametrize("method", ["svd", "whitened", "asvd", "isvt", "fisher"])
+def test_candidates_travel_to_workers_and_build_the_same_weights(mlp_proto, method):
+    """What a worker of the evolutionary search receives (pickled once) builds the weights the
+    parent builds: every decomposition's rank -> factors function pickles."""
+    import pickle
+
+    from onnxlr import rank_search
+    from onnxlr.api import calibration_stats, output_sensitivities
+    from onnxlr.graph import import_graph
+    from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig, find_layers
+
+    calib = [{"x": correlated_inputs(64, seed=1)}]
+    stats, _ = calibration_stats(mlp_proto, calib)
+    sensitivity = output_sensitivities(mlp_proto, calib, probes=2) if method == "fisher" else None
+    layers, _ = find_layers(import_graph(mlp_proto))
+    factorize = FactorizeMatMul(FactorizeMatMulConfig(method=method), None if method == "svd" else stats,
+                                sensitivity)
+    decompositions = factorize.decompositions(layers)
+    table = rank_search.level_table(layers, decompositions)
+    candidates = rank_search.Candidates(factorize, layers, decompositions, table)
+    travelled = pickle.loads(pickle.dumps(candidates))
+    for key, ranks in zip(table.keys, table.ranks):
+        for rank in (int(ranks[1]), int(ranks[-1])):
+            here, there = candidates.weight(key, rank), travelled.weight(key, rank)
+            np.testing.assert_array_equal(here[0], there[0])
+            assert (here[1] is None) == (there[1] is None)
