@@ -80,8 +80,8 @@ def section(cache: Path) -> str:
              "Exact = full `gesdd` then truncation (what the energy rule and the budget allocation need "
              "anyway); randomized = `linalg.randomized_svd` (q = 4, oversampling max(10, 10% of the rank)). "
              "Error = randomized Frobenius error / exact truncation error. `auto` = what `--svd-solver auto` "
-             f"takes (randomized for m = min(k, n) ≥ {linalg.RANDOMIZED_MIN_SIZE} and rank ≤ "
-             f"{linalg.RANDOMIZED_MAX_SHARE:.0%} · m · min(1, m / {linalg.RANDOMIZED_FULL_SHARE_SIZE})).", "",
+             f"takes (randomized for min(k, n) ≥ {linalg.RANDOMIZED_MIN_SIZE} and rank ≤ "
+             f"{linalg.RANDOMIZED_MAX_SHARE:.0%} of it).", "",
              "| matrix | shape | rank | exact s | randomized s | speed-up | error ratio | auto |",
              "|---|---|---|---|---|---|---|---|"]
     matrices = _minilm_weights(cache) + [("power law i^-0.5", _power_law(k, n)) for k, n in

@@ -117,8 +117,8 @@ def test_randomized_svd_is_deterministic_for_a_seed_and_exact_on_low_rank():
 def test_solver_choice_is_automatic_and_reported():
     assert linalg.svd_solver((256, 4096), 10) == "exact"  # small side below RANDOMIZED_MIN_SIZE
     assert linalg.svd_solver((1024, 4096), 100) == "randomized"
-    assert linalg.svd_solver((1024, 4096), 200) == "exact"  # above 25% x 1024 / 2048 of the side
-    assert linalg.svd_solver((2048, 8192), 500) == "randomized"  # within 25% at 2048 and above
+    assert linalg.svd_solver((1024, 4096), 200) == "randomized"
+    assert linalg.svd_solver((1024, 4096), 300) == "exact"  # rank above RANDOMIZED_MAX_SHARE of 1024
     assert linalg.svd_solver((1024, 4096), None) == "exact"  # the whole spectrum is wanted
     assert linalg.svd_solver((64, 64), 3, "randomized") == "randomized"
     with pytest.raises(ValueError, match="unknown SVD solver"):
