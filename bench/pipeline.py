@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_svd import cache_main  # noqa: E402
+from plain_svd import bench_parser, emit  # noqa: E402
 from scaling import run_optimize  # noqa: E402
 
 from onnxlr.models import minilm, text  # noqa: E402
@@ -31,7 +31,7 @@ CONFIGS = (
 )
 
 
-def section(cache: Path) -> str:
+def section(cache: Path, only: str | None = None) -> str:
     model = minilm.build(cache)
     calib, held_out = text.build_splits(cache)
     lines = [f"<!-- {MARK}:begin -->", "## MiniLM full pipeline time, issue #9", "",
@@ -43,6 +43,8 @@ def section(cache: Path) -> str:
              "| configuration | wall s | peak MB | output cosine (mean / worst sample) |", "|---|---|---|---|"]
     out = cache / "pipeline.small.onnx"
     for name, extra in CONFIGS:
+        if only and only not in name:
+            continue
         seconds, peak, log = run_optimize(model, out, "--calib", str(calib), "--inputs", str(held_out), *extra,
                                           validate=True)
         found = re.search(r"cosine ([0-9.]+) \(worst sample ([0-9.]+)\)", log)
@@ -55,7 +57,13 @@ def section(cache: Path) -> str:
 
 
 def main(argv=None) -> int:
-    return cache_main(section, __doc__, MARK, argv)
+    parser = bench_parser(__doc__, MARK)
+    parser.add_argument("--only", help="run only the configurations whose name contains this (printed, "
+                        "not written: a partial table)")
+    args = parser.parse_args(argv)
+    if args.only:
+        args.write = None  # a partial table is not written over the whole one
+    return emit(section(args.cache_dir, args.only), args, MARK)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ stored it as an initializer or as a ``Constant`` node (some exporters do the lat
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import mmap
 import os
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -21,6 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxlr.io import external_extent
 
 
 class MappedValues(LazyValues):
@@ -34,8 +37,6 @@ class MappedValues(LazyValues):
 
 def mapped_array(tensor: onnx.TensorProto) -> np.ndarray:
     """A read-only memory map of an externally stored tensor (absolute location), shaped and typed."""
-    from onnxlr.io import external_extent
-
     location, offset, _ = external_extent(tensor)
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
     shape = tuple(int(d) for d in tensor.dims)
@@ -88,28 +89,19 @@ class SpillFile:
 
 
 @contextlib.contextmanager
-def spilling(folder: str | os.PathLike | None = None) -> Iterator[SpillFile]:
-    """While active, large constants made with :func:`make_constant` are written to a spill file in
-    ``folder`` (default: a new temporary folder) instead of staying in memory. The file outlives the
-    block (the model refers to it until written) and is removed when the process exits."""
-    folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="onnxlr-spill-"))
-    fd, name = tempfile.mkstemp(prefix="spill-", suffix=".data", dir=folder)
-    os.close(fd)
-    spill = SpillFile(Path(name))
-    _remove_at_exit(folder if folder.name.startswith("onnxlr-spill-") else Path(name))
+def spilling() -> Iterator[SpillFile]:
+    """While active, large constants made with :func:`make_constant` are written to a spill file in a
+    new temporary folder instead of staying in memory. The folder outlives the block (the model refers
+    to the file until written) and is removed when the process exits."""
+    folder = Path(tempfile.mkdtemp(prefix="onnxlr-spill-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    spill = SpillFile(folder / "spill.data")
     token = _SPILL.set(spill)
     try:
         yield spill
     finally:
         _SPILL.reset(token)
         spill.close()
-
-
-def _remove_at_exit(path: Path) -> None:
-    import atexit
-    import shutil
-
-    atexit.register(lambda: shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True))
 
 
 def make_constant(graph: gs.Graph, name: str, values: np.ndarray, taken: set[str] | None = None) -> gs.Constant:

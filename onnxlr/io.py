@@ -128,7 +128,7 @@ def has_external_data(path: str | os.PathLike) -> bool:
         model = onnx.load_model(str(path), load_external_data=False)
     except (OSError, DecodeError, RuntimeError, ValueError):
         return False  # load_model reports what is wrong with it
-    return any(external_data_helper.uses_external_data(t) for t in iter_tensors(model.graph))
+    return is_mapped(model)
 
 
 def is_mapped(model: onnx.ModelProto) -> bool:
@@ -140,6 +140,12 @@ def external_extent(tensor: onnx.TensorProto) -> tuple[str, int, int]:
     """``(location, offset, length)`` of an externally stored tensor."""
     info = {entry.key: entry.value for entry in tensor.external_data}
     return info["location"], int(info.get("offset", 0)), int(info.get("length", -1))
+
+
+def external_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's tensors kept in external data files."""
+    return sum(max(external_extent(t)[2], 0) for t in iter_tensors(model.graph)
+               if external_data_helper.uses_external_data(t))
 
 
 def _check_extent(tensor: onnx.TensorProto, base_dir: Path, path: Path) -> None:
@@ -156,8 +162,7 @@ def _check_extent(tensor: onnx.TensorProto, base_dir: Path, path: Path) -> None:
 
 def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with the data of mapped tensors (absolute external locations) loaded in."""
-    external = [t for t in iter_tensors(model.graph) if external_data_helper.uses_external_data(t)]
-    if not external:
+    if not is_mapped(model):
         return model
     model = _copy(model)
     for tensor in iter_tensors(model.graph):

@@ -246,8 +246,9 @@ def search(table: LevelTable, budget: float, allocator: str, candidates: Candida
            seed: int = 0, generations: int = 30, progress: bool | None = None, executor=None) -> SearchResult:
     """Run ``allocator`` on ``table`` within ``budget`` (see the module docstring). ``executor``
     (:mod:`onnxlr.executors`, default this process) scores the evolutionary search's candidates: each
-    worker holds a copy of ``runner``; the candidates' weights are built here and sent. For a given
-    ``seed`` the result does not depend on the executor."""
+    worker receives a copy of ``runner`` and of ``candidates`` once (:class:`CandidateScorer`), then
+    each candidate's picks, and builds its weights itself. For a given ``seed`` the result does not
+    depend on the executor."""
     if allocator not in ALLOCATORS:
         raise OnnxlrError(f"unknown allocator {allocator!r} (choose from {', '.join(ALLOCATORS)})")
     started = time.perf_counter()

@@ -22,10 +22,8 @@ from typing import Any
 
 import onnx
 
-from onnx.external_data_helper import uses_external_data
-
 from onnxlr.graph import count_parameters
-from onnxlr.io import external_extent, iter_tensors
+from onnxlr.io import external_bytes
 from onnxlr.pipeline import PassRecord
 from onnxlr.runtimes.compare import Tolerance
 from onnxlr.runtimes.mobile import OrtConversion
@@ -45,8 +43,7 @@ class ModelSummary:
     @classmethod
     def of(cls, model: onnx.ModelProto, path: str = "") -> "ModelSummary":
         # a mapped model's tensors are still in their files: their bytes count as they will be written
-        external = sum(max(external_extent(t)[2], 0) for t in iter_tensors(model.graph) if uses_external_data(t))
-        return cls(count_parameters(model), model.ByteSize() + external, len(model.graph.node), path)
+        return cls(count_parameters(model), model.ByteSize() + external_bytes(model), len(model.graph.node), path)
 
 
 @dataclass

@@ -384,12 +384,11 @@ class FactorizeMatMul:
         """Per (weight name, transposed): ``(stats used, sensitivity, LazySVD, rank -> (A, B))``."""
         return self._decompositions(layers)[1]
 
-    def _fit_all(self, layers: list[Layer], weight_stats: Mapping, wanted: Mapping[tuple, int]):
+    def _fit_all(self, layers: list[Layer], first: Mapping[tuple[str, bool], Layer], weight_stats: Mapping,
+                 wanted: Mapping[tuple, int]):
         """``(key, WeightFit)`` per key (weight name, transposed, rank) of ``wanted``, in order, each
-        computed from the weight alone by :func:`fit_weight` on ``self.executor``."""
-        first = {}
-        for layer in layers:
-            first.setdefault((layer.weight.name, layer.transposed), layer)
+        computed from the weight alone by :func:`fit_weight` on ``self.executor``; ``first``: the
+        first layer computing with each weight."""
         jobs = []
         for (name, transposed, rank) in wanted:
             layer = first[(name, transposed)]
@@ -455,19 +454,21 @@ class FactorizeMatMul:
             planned.append((layer, rank, details))
 
         wanted = dict.fromkeys((layer.weight.name, layer.transposed, rank) for layer, rank, _ in planned)
+        first: dict[tuple[str, bool], Layer] = {}  # the layer each weight's factors are made for
+        for layer, _, _ in planned:
+            first.setdefault((layer.weight.name, layer.transposed), layer)
         if spectra_first:
-            fits = ((fkey, self._fit(layer_of(layers, fkey), fkey[2], decompositions[fkey[:2]],
-                                     weight_stats.get(fkey[:2]))) for fkey in wanted)
+            fits = ((fkey, self._fit(first[fkey[:2]], fkey[2], decompositions[fkey[:2]], weight_stats.get(fkey[:2])))
+                    for fkey in wanted)
         else:
-            fits = self._fit_all(layers, weight_stats, wanted)
+            fits = self._fit_all(layers, first, weight_stats, wanted)
             record.config["executor"] = self.executor.describe()
         # Each fit becomes graph constants as it arrives (spilled to disk for a mapped model), so the
         # float64 factors of only one weight are in memory at a time.
         made: dict[tuple[str, bool, int], tuple] = {}
         names: set[str] = set()  # of the factors made, not yet in the graph
         for fkey, fit in fits:
-            layer = layer_of(layers, fkey)
-            made[fkey] = (self._constants(graph, layer, fit.A, fit.B, names),
+            made[fkey] = (self._constants(graph, first[fkey[:2]], fit.A, fit.B, names),
                           dataclasses.replace(fit, A=None, B=None))
         for layer, rank, details in planned:
             fkey = (layer.weight.name, layer.transposed, rank)
@@ -560,11 +561,6 @@ class _Refitted:
     def __call__(self, rank: int):
         A = self.factors(rank)[0]
         return A, linalg.refit_output_factor(self.W, A, self.clamped)
-
-
-def layer_of(layers: list[Layer], key: tuple) -> Layer:
-    """The first layer computing with weight ``key[:2]`` = (name, transposed)."""
-    return next(layer for layer in layers if (layer.weight.name, layer.transposed) == tuple(key[:2]))
 
 
 @dataclass

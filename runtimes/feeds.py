@@ -129,8 +129,9 @@ def _non_finite(value: np.ndarray) -> str:
 
 def check_original_outputs(model, feeds: dict[str, np.ndarray], source: str,
                            threads: int | None = None, batch_size: int = 8) -> None:
-    """Run ``model`` (a ModelProto, or the path of a file ONNX Runtime opens itself) on CPU over ``feeds`` (in batches of ``batch_size`` along axis 0) and raise
-    OnnxlrError when it cannot run in this ONNX Runtime (an opset or IR version it does not take, …),
+    """Run ``model`` (a ModelProto, or the path of a file ONNX Runtime opens itself) on CPU over
+    ``feeds`` (in batches of ``batch_size`` along axis 0) and raise OnnxlrError when it cannot run
+    in this ONNX Runtime (an opset or IR version it does not take, …),
     or when an output holds NaN or Inf (:func:`check_finite_outputs`). Meant to run before any
     rewriting; ``source`` says where the inputs came from."""
     import onnxruntime as ort
@@ -139,8 +140,8 @@ def check_original_outputs(model, feeds: dict[str, np.ndarray], source: str,
     from onnxlr.runtimes.runner import batches
 
     try:
-        source_of = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
-        session = make_session(source_of, "CPUExecutionProvider", threads or default_threads())
+        opened = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+        session = make_session(opened, "CPUExecutionProvider", threads or default_threads())
         names = [o.name for o in session.get_outputs()]
         counts = {name: [0, 0, 0] for name in names}  # output -> [NaN, Inf, values] over all batches
         for batch in batches(feeds, batch_size):

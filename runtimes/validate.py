@@ -96,7 +96,7 @@ def validate_models(
     first = next(batches(feeds, batch_size))
     results, warnings = [], []
     for device in devices or [Device("local")]:
-        models = local if device.is_local else {label: _bytes(m) for label, m in local.items()}
+        models = local if device.is_local else {label: _sendable(m) for label, m in local.items()}
         response = device.run(models, feeds, providers=names, provider_options=options, threads=threads,
                               batch_size=batch_size, warmup=warmup, repeats=repeats, profile_runs=profile_runs)
         for raw in response["results"]:
@@ -165,17 +165,18 @@ def _local(model: ModelSource) -> bytes | str:
     """What the local runner opens: the bytes, or the path of a model with external data."""
     if isinstance(model, bytes):
         return model
-    return str(model) if has_external_data(model) else _bytes(model)
-
-
-def _bytes(model: ModelSource) -> bytes:
-    if isinstance(model, bytes):
-        return model
     if has_external_data(model):
-        raise OnnxlrError(f"{model} keeps its weights in external data files: it is validated on this "
-                          "machine only, not sent to --device")
+        return str(model)
     with open(model, "rb") as f:
         return f.read()
+
+
+def _sendable(model: bytes | str) -> bytes:
+    """What a device gets: the bytes (a path left by :func:`_local` is a model with external data)."""
+    if isinstance(model, str):
+        raise OnnxlrError(f"{model} keeps its weights in external data files: it is validated on this "
+                          "machine only, not sent to --device")
+    return model
 
 
 def _output_mismatch(reference: dict[str, np.ndarray], produced: dict[str, np.ndarray]) -> str:
