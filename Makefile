@@ -42,6 +42,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/scaling.py --write docs/benchmarks.md
 	$(PY) bench/conv.py --write docs/benchmarks.md
 	$(PY) bench/quantize.py --write docs/benchmarks.md
+	$(PY) bench/chains.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(OV_VENV) build dist *.egg-info

@@ -31,7 +31,7 @@ from onnxlr.runtimes.latency_guard import LatencyGuard
 from onnxlr.runtimes.providers import make_session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plain_svd import bench_parser, emit  # noqa: E402
+from plain_svd import cache_main  # noqa: E402
 
 LEVELS = (0.75, 0.5, 0.25)
 PPOCR_LEVELS = (0.9, 0.75, 0.5)
@@ -142,8 +142,7 @@ def section(cache: Path) -> str:
 
 
 def main(argv=None) -> int:
-    args = bench_parser(__doc__, MARK).parse_args(argv)
-    return emit(section(args.cache_dir), args, MARK)
+    return cache_main(section, __doc__, MARK, argv)
 
 if __name__ == "__main__":
     np.seterr(all="ignore")

@@ -22,6 +22,7 @@ from onnxlr.graph import count_parameters, import_graph, spilling, truncated
 from onnxlr.macs import count_macs
 from onnxlr.calibration import calibration_batches, find_mask_input
 from onnxlr import conv_factors
+from onnxlr.passes.compose_chains import ComposeChainsConfig, ComposeLinearChains
 from onnxlr.passes.factorize_conv import DECOMPOSITIONS, FactorizeConv, FactorizeConvConfig, find_convs
 from onnxlr.passes.fold_constants import FoldConstants
 from onnxlr.passes.factorize_embedding import FactorizeEmbedding, FactorizeEmbeddingConfig, find_tables
@@ -52,6 +53,7 @@ CalibLike = str | os.PathLike | Iterable[Mapping[str, np.ndarray]] | None
 DEFAULT_RANK_RATIO = 0.5
 # Share of each conv's parameters its replacement may keep, unless conv_ratio says otherwise.
 DEFAULT_CONV_RATIO = 0.5
+DEFAULT_CHAIN_ERROR = ComposeChainsConfig.max_error
 
 
 def _load(model: ModelLike, *, mapped: bool = False) -> tuple[onnx.ModelProto, str]:
@@ -581,6 +583,7 @@ def optimize(
     conv_max_error: float | None = None,
     latency_guard: bool = False,
     embeddings: bool = False,
+    chains: float | None = None,
     providers: str | Sequence[str] = ("cpu",),
     devices: str | Sequence[str] = (),
     inputs: InputsLike = None,
@@ -642,6 +645,11 @@ def optimize(
         measured at the layer's input shape (symbolic dimensions from ``dims``, batch 1 otherwise).
     embeddings : also factorize embedding tables (Gather on a constant [vocab, d] table) under the
         same rank rule, weighted by token frequency in ``calib`` when given.
+    chains : compose chains of linear layers (:mod:`onnxlr.passes.compose_chains`) into one map at the
+        width its calibrated rank needs, each within this relative output error (``DEFAULT_CHAIN_ERROR``
+        is 1e-3; 0 keeps the exact rank); None (default) leaves chains alone. Runs after the
+        factorization and before any quantization, on fresh calibration statistics; such a run reads the
+        whole model into memory (no streaming).
     providers : execution providers to validate on (``"cpu,cuda"``, ``"all"``, or a list; options after
         colons: ``"cuda:device_id=1"``, :mod:`onnxlr.runtimes.providers`).
     devices : command prefixes of other Pythons to validate on as well (``"ssh user@board"``, a venv's
@@ -687,11 +695,16 @@ def optimize(
                           f"factorize (use lowrank or lowrank+int8)")
     if recipe_.needs_calib and calib is None:
         raise OnnxlrError(f"recipe {recipe!r} needs calibration data (--calib)")
+    steps = recipe_.steps
+    if chains is not None:  # first among the recipe's steps: after the factorization, before quantization
+        config = ComposeChainsConfig(max_error=chains)
+        steps = (Step(ComposeLinearChains, lambda calibrated: config),
+                 *(step for step in steps if step.pass_class is not ComposeLinearChains))
     tolerance = parse_tolerance(max_error)
     parse_providers(providers), parse_devices(devices)  # fail on a malformed one before the slow part
-    if isinstance(calib, Iterator) and (recipe_.steps or method == "fisher" or sequential):
+    if isinstance(calib, Iterator) and (steps or method == "fisher" or sequential):
         calib = list(calib)  # read more than once (statistics of every step): a one-shot iterator is kept
-    original, path = _load(model, mapped=calib is None and recipe == "lowrank")
+    original, path = _load(model, mapped=calib is None and recipe == "lowrank" and chains is None)
     streamed = io.is_mapped(original)
     if validate:  # bad inputs, or an original that cannot run or gives NaN/Inf on them: fail before any rewrite
         sampled = sample_inputs(original, inputs, dims)  # read once, used again by every validation below
@@ -705,14 +718,15 @@ def optimize(
                          energy=energy, ranks=ranks, target=target, allocator=allocator, seed=seed, force=force,
                          refit=refit, bias_correction=bias_correction, sequential=sequential, conv=conv,
                          conv_ratio=conv_ratio, rank_multiple=rank_multiple, conv_max_error=conv_max_error,
-                         latency_guard=latency_guard, embeddings=embeddings, providers=providers, devices=devices,
+                         latency_guard=latency_guard, embeddings=embeddings, steps=steps,
+                         providers=providers, devices=devices,
                          dims=dims, threads=threads, batch_size=batch_size, repeats=repeats, validate=validate,
                          svd_solver=svd_solver)
 
 
 def _optimize(original, path, spill, pool, recipe_, tolerance, sampled, *, calib, calib_samples, method,
               rank_ratio, energy, ranks, target, allocator, seed, force, refit, bias_correction, sequential, conv,
-              conv_ratio, rank_multiple, conv_max_error, latency_guard, embeddings, providers, devices, dims,
+              conv_ratio, rank_multiple, conv_max_error, latency_guard, embeddings, steps, providers, devices, dims,
               threads, batch_size, repeats, validate, svd_solver):
     """:func:`optimize` once the model is loaded and its inputs checked (its parameters); ``spill``:
     the spill file of a streamed model, else None."""
@@ -746,14 +760,14 @@ def _optimize(original, path, spill, pool, recipe_, tolerance, sampled, *, calib
         if recipe_.factorize:
             optimized, factorized = factorize(import_graph(work), target=target)
             built += factorized
-        steps = recipe_.steps
-        if int8_weights and not any(step.pass_class in (QuantizeInt8, QuantizeMatMulNBits) for step in steps):
+        run = steps
+        if int8_weights and not any(step.pass_class in (QuantizeInt8, QuantizeMatMulNBits) for step in run):
             # The input stored these weights as int8: store them (and their factors) so again.
             names = prequantized.replacements(import_graph(optimized), int8_weights)
-            steps = (*steps, Step(QuantizeInt8, lambda calibrated: QuantizeInt8Config(
+            run = (*run, Step(QuantizeInt8, lambda calibrated: QuantizeInt8Config(
                 activations="none", rounding="nearest", only=names, min_params=0)))
-        if steps:
-            optimized, compressed = _compress(optimized, steps, calib, samples=calib_samples,
+        if run:
+            optimized, compressed = _compress(optimized, run, calib, samples=calib_samples,
                                               batch_size=batch_size, threads=threads)
             built += compressed
         candidate = optimized

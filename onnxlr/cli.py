@@ -122,6 +122,11 @@ def _add_rank_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", action="store_true",
                    help="also factorize embedding tables (Gather on a constant table), weighted by "
                         "token frequency in --calib")
+    p.add_argument("--chains", type=_ratio, nargs="?", const=api.DEFAULT_CHAIN_ERROR, metavar="E",
+                   help="compose chains of linear layers (MatMul/Gemm/1x1 Conv with only biases, scales, "
+                        "reshapes and transposes between) into one map at the width its calibrated rank needs, "
+                        f"each within relative output error E (default {api.DEFAULT_CHAIN_ERROR:g}; 0: exact rank); "
+                        "after factorization, before quantization")
     p.add_argument("--force", action="store_true",
                    help="factorize even when the rank would not save parameters")
     p.add_argument("--svd-solver", choices=linalg.SVD_SOLVERS, default="auto",
@@ -234,7 +239,8 @@ def cmd_optimize(args) -> int:
         allocator=args.allocator, seed=args.seed, conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
         conv_max_error=args.conv_max_error, latency_guard=args.latency_guard,
         ranks=_parse_ranks(args.rank),
-        force=args.force, embeddings=args.embeddings, validate=not args.no_validate, svd_solver=args.svd_solver,
+        force=args.force, embeddings=args.embeddings, chains=args.chains, validate=not args.no_validate,
+        svd_solver=args.svd_solver,
         workers=args.workers, executor=args.executor, **_validation_kwargs(args))
     if report.passed is False:
         _emit(report, args)
@@ -308,7 +314,7 @@ def cmd_demo(args) -> int:
         allocator=args.allocator, seed=args.seed, conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
         conv_max_error=args.conv_max_error, latency_guard=args.latency_guard,
         ranks=_parse_ranks(args.rank),
-        force=args.force, embeddings=args.embeddings, providers=args.providers, inputs=eval_npz,
+        force=args.force, embeddings=args.embeddings, chains=args.chains, providers=args.providers, inputs=eval_npz,
         svd_solver=args.svd_solver, workers=args.workers, executor=args.executor)
     api.write(optimized, output, source=model_path)
     report.optimized.path = str(output)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from onnxlr.errors import OnnxlrError
+from onnxlr.passes.compose_chains import ComposeChainsConfig, ComposeLinearChains
 from onnxlr.passes.prune import PruneStructured, PruneStructuredConfig, PruneUnstructured, PruneUnstructuredConfig
 from onnxlr.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
 from onnxlr.passes.quantize_nbits import QuantizeMatMulNBits, QuantizeMatMulNBitsConfig
@@ -63,6 +64,9 @@ def _nbits(compensation_rank: int) -> Step:
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("lowrank", "low-rank factorization of MatMul/Gemm (and Conv) layers; the rank options apply",
            factorize=True),
+    Recipe("chains", "compose chains of linear layers (MatMul/Gemm/1x1 Conv with only biases, scales, reshapes "
+           "and transposes between) into one map at the width its calibrated rank needs (--chains E sets the "
+           "error allowed, default 1e-3)", steps=(Step(ComposeLinearChains, lambda calibrated: ComposeChainsConfig()),)),
     Recipe("int8", "int8 MatMul/Gemm weights and activations, int8 embedding tables; with --calib: static ranges, GPTQ "
            "rounding, SmoothQuant per layer input (ORT's fused integer MatMul); without: dynamic ranges",
            steps=(_INT8,)),

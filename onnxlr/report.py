@@ -120,8 +120,11 @@ class Report:
                                 f"threads" if where and where["executor"] != "serial" else ""))
             for change in record.rewritten:
                 lines.append(_rewritten_line(change))
+            lines.extend(_chain_line(change) for change in record.skipped if change.op == "chain")
             reasons: dict[str, list[str]] = {}
             for change in record.skipped:
+                if change.op == "chain":
+                    continue
                 reasons.setdefault(change.reason, []).append(change.node)
             for reason, nodes in reasons.items():
                 shown = ", ".join(nodes[:3]) + (f" … (+{len(nodes) - 3})" if len(nodes) > 3 else "")
@@ -153,9 +156,23 @@ def _ratio(new: int, old: int) -> str:
     return f"{new / old:.1%} of original" if old else "n/a"
 
 
+def _chain_line(change) -> str:
+    """One chain of linear layers: its ops, widths before and after, params, error (or why kept)."""
+    d = change.details
+    widths = "→".join(str(w) for w in d["widths"])
+    new = "→".join(str(w) for w in d["new_widths"])
+    line = f"  {change.node:<40} chain {'→'.join(d['ops'])}  widths {widths} -> "
+    if change.action == "skipped":
+        return line + f"{new}: kept, {change.reason}"
+    error = (f"output err {d['calib_error']:.2e}" if d.get("calibrated") else f"weight err {d['weight_error']:.2e}")
+    return line + f"{new} ({d['form']})  params {d['params']:,} -> {d['params_after']:,}  {error}"
+
+
 def _rewritten_line(change) -> str:
     """One rewritten layer: shape, rank(s) (and decomposition), params, errors, measured latency."""
     d = change.details
+    if "widths" in d:
+        return _chain_line(change)
     if "shape" not in d and "K" in d:
         d = {**d, "shape": [d["K"], d["N"]]}
     if "hidden" in d:

@@ -21,6 +21,9 @@ What is fuzzed
      ``rewritten`` list is empty) and returns the same nodes and initializers (names and values). At
      the forced full-rank settings a second run rewrites the factors again by design (force), but
      its outputs still equal the first result's within the tolerance above.
+   - *composing linear chains is exact at zero error*: ``optimize(m, recipe="chains", chains=0.0)``
+     (issue #10) keeps the outputs within the tolerance above, and every chain it rewrote saved
+     parameters.
    - every result passes ``onnx.checker.check_model(full_check=True)``.
 
 2. **Files.** Valid small ``.onnx`` files and ``.npz`` files (``--calib``, ``--inputs``) are mutated
@@ -394,6 +397,18 @@ def test_second_run_changes_nothing(built):
     onnx.checker.check_model(second, full_check=True)
     feeds = built.feeds()[0]
     assert_close(ort_run(first, feeds), ort_run(second, feeds), "second forced run")
+
+
+@FUZZ
+@given(built=graphs())
+def test_composing_chains_at_zero_error_is_exact(built):
+    model = built.model
+    optimized, report = api.optimize(model, recipe="chains", chains=0.0, validate=False)
+    onnx.checker.check_model(optimized, full_check=True)
+    [record] = [r for r in report.passes if r.name == "compose_chains"]
+    assert all(c.details["params_after"] < c.details["params"] for c in record.rewritten)
+    feeds = built.feeds()[0]
+    assert_close(ort_run(model, feeds), ort_run(optimized, feeds), "composed chains")
 
 
 # ----------------------------------------------------------------------------------------- files
