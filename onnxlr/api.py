@@ -263,6 +263,9 @@ def input_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) 
     dimensions are fixed: from ``dims``, else 1 for a leading (batch) dimension."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
+    # Shapes an exporter stored keep their symbolic dimensions through inference (torch's export of
+    # MiniLM: 'batch' and 'sequence' everywhere), so they are inferred afresh from the fixed inputs.
+    del fixed.graph.value_info[:]
     dims = dict(dims or {})
     for value in fixed.graph.input:
         for axis, dim in enumerate(value.type.tensor_type.shape.dim):
@@ -271,8 +274,26 @@ def input_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) 
                     dim.dim_value = dims[dim.dim_param]
                 elif axis == 0:
                     dim.dim_value = 1
+    shapes = _inferred_shapes(fixed)
+    layers = [n.output[0] for n in fixed.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and n.output]
+    if any(name not in shapes for name in layers):
+        # Shapes computed at run time (torch's position ids: Shape → Gather → Slice) defeat ONNX's data
+        # propagation; with the inputs fixed, onnx-graphsurgeon folds those computations to constants.
+        try:
+            folded = fixed
+            for _ in range(2):  # folding reveals shapes, which let the next fold go further
+                graph = gs.import_onnx(onnx.shape_inference.infer_shapes(folded, data_prop=True))
+                folded = gs.export_onnx(graph.fold_constants(fold_shapes=True, error_ok=True).cleanup())
+            shapes = {**_inferred_shapes(folded), **shapes}
+        except Exception:  # noqa: BLE001 - best effort, as above
+            pass
+    return shapes
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Tensor name -> shape, for the tensors ONNX shape inference resolves completely (none if it fails)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - best effort: layers with unknown shapes are reported as unmeasured
         return {}
     shapes = {}

@@ -30,6 +30,11 @@ from onnxlr import linalg
 # Below this relative error a truncation is round-off: float32 chains composed in float64 differ from
 # the product of their rounded factors by about this much anyway.
 ROUND_OFF = 1e-6
+# Fewer calibration rows than this per input feature do not pin the input's spectrum down: a chain fed
+# by a pooled vector (squeeze-excitation blocks see one row per image) would be cut to the rank of the
+# few rows it saw. With at least 4 rows per feature the sample covariance is full rank and its smallest
+# eigenvalues are not underestimated by more than about 4× (the Marchenko–Pastur edge (1 - 1/√4)²).
+MIN_ROWS_PER_INPUT = 4
 
 
 @dataclass

@@ -139,8 +139,13 @@ class ComposeLinearChains:
     def _rewrite(self, graph: gs.Graph, chain: Chain, readers) -> LayerChange:
         composed = chain.composed()
         st = self.stats.get(chain.input.name)
+        note = None
         if st is not None and st.k != composed.shape[0]:
             st = None  # rows of another axis than the chain's features: fit data-free
+        elif st is not None and st.count < chains.MIN_ROWS_PER_INPUT * st.k:
+            note = (f"{st.count} calibration rows for {st.k} inputs: too few to trust their spectrum, the width is "
+                    f"the weights' own")
+            st = None
         fit = chains.fit_chain(composed, max_error=self.config.max_error,
                                **({} if st is None else {"gram": st.gram, "total": st.sum, "count": st.count}))
         first = chain.linear[0]
@@ -158,6 +163,8 @@ class ComposeLinearChains:
             "calibrated": fit.calibrated,
             "calib_error" if fit.calibrated else "weight_error": float(fit.error),
         }
+        if note:
+            details["note"] = note
         if fit.params >= params:
             return LayerChange(first.node.name, "chain", "skipped",
                                f"composing saves no parameters ({params:,} -> {fit.params:,} at width {fit.width})",
