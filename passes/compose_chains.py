@@ -26,7 +26,8 @@ Rewrite
 -------
 The chain's affine maps compose to ``y = x W + b`` (``W`` (k, n)); :func:`onnxlr.chains.fit_chain`
 picks the cheaper of ``W`` dense and a pair ``A (k, r) · B (r, n)`` at the smallest width ``r`` whose
-(calibrated, with statistics of the chain input) error stays within ``max_error``. The dense map is
+error stays within ``max_error``: the chain's output error on the calibration data when the chain's
+input has statistics with at least ``MIN_ROWS_PER_INPUT`` rows per feature, else the weight error. The dense map is
 emitted in the first layer's form (its strides and pads), followed by the chain's layout ops; the
 pair as the first layer's form with ``A``, the layout ops (now on width ``r``), and the last layer's
 form with ``B`` and the bias. A chain is rewritten only when this saves parameters; the record lists
