@@ -18,16 +18,17 @@ import numpy as np
 
 from onnxlr import linalg
 from onnxlr.allocation import allocate_ranks
-from onnxlr.api import calibration_stats, output_sensitivities
 from onnxlr.graph import import_graph
 from onnxlr.io import load_model
+from onnxlr.matching import find_layers
 from onnxlr.models import metrics, minilm, text
-from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig, find_layers
+from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig
 from onnxlr.pipeline import PassManager
+from onnxlr.runtimes.calibration import StatisticsService
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calibrated import LEVELS, level_ranks  # noqa: E402
-from plain_svd import cache_main  # noqa: E402
+from common import cache_main, marked  # noqa: E402
 
 MARK = "allocation-costs"
 
@@ -35,11 +36,12 @@ MARK = "allocation-costs"
 def section(cache: Path) -> str:
     model = load_model(minilm.build(cache))
     calib, evaluation = text.build_splits(cache)
-    stats, _ = calibration_stats(model, calib)
-    sensitivity = output_sensitivities(model, calib)
+    layers, _ = find_layers(import_graph(model))
+    service = StatisticsService.of(model, calib)
+    stats = service.collect_for(model, FactorizeMatMul(FactorizeMatMulConfig()))
+    sensitivity = service.sensitivity(model, sorted({layer.node.outputs[0].name for layer in layers}))
     feeds = text.load(evaluation)
     reference = minilm.embed(model, feeds)
-    layers, _ = find_layers(import_graph(model))
     tails, weights = [], {"abs": [], "rel": [], "sens": []}
     for layer in layers:
         st = stats[layer.node.inputs[0].name]
@@ -69,10 +71,10 @@ def section(cache: Path) -> str:
             dense = sum(r is None for r in ranks)
             rows.append(f"| {level:.0%} | knapsack, cost `{name}` | {dense} | {fidelity(chosen)} |")
             print(rows[-1], file=sys.stderr, flush=True)
-    lines = [f"<!-- {MARK}:begin -->", "## Rank allocation: which cost, issue #3 (and #6)", "",
+    lines = ["## Rank allocation: which cost, issue #3 (and #6)", "",
              "Command: `python bench/allocation_costs.py --write docs/benchmarks.md`. "
-             + __doc__.split("\n\n")[2].replace("\n", " "), "", *rows, f"<!-- {MARK}:end -->"]
-    return "\n".join(lines)
+             + __doc__.split("\n\n")[2].replace("\n", " "), "", *rows]
+    return marked(MARK, lines)
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,7 @@
     python bench/allocators.py [--cache-dir DIR] [--write docs/benchmarks.md] [--plot docs/allocators.png]
 
 Per model the calibration statistics, decompositions, end-to-end sensitivities and the one-session
-scorer are built once (`api.search_space`); every allocator then spreads the same `--target params=F`
+scorer are built once (`onnxlr.planning.rank_search.search_space`); every allocator then spreads the same `--target params=F`
 budget (the whole model keeps share F of its parameters), the model is built with the ranks chosen
 and scored on held-out data it was not calibrated or searched on. `search s` is the allocator's own
 time (the shared sensitivity measurement is listed once per model); `evaluations` counts candidate
@@ -21,18 +21,20 @@ import sys
 import time
 from pathlib import Path
 
-from onnxlr import rank_search
-from onnxlr.api import calibration_stats, layer_budget, search_space
+from onnxlr.factorization import FitSettings
 from onnxlr.graph import count_parameters
 from onnxlr.io import load_model
 from onnxlr.models import metrics, minilm, mnist, text
 from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig
 from onnxlr.pipeline import PassManager
+from onnxlr.planning import rank_search
+from onnxlr.planning.targets import layer_budget
+from onnxlr.runtimes.calibration import StatisticsService
 from onnxlr.runtimes.latency import measure
 from onnxlr.runtimes.providers import make_session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plain_svd import bench_parser, emit  # noqa: E402
+from common import bench_parser, emit, marked  # noqa: E402
 
 MARK = "allocators"
 THREADS = 2
@@ -49,11 +51,12 @@ def _latency(models: dict[str, bytes], feeds, repeats: int = 30) -> dict[str, fl
 
 def run_model(name, model, calib, score, time_feeds, shares, repeats):
     """Rows of the table and points of the Pareto plot for one model."""
-    stats, _ = calibration_stats(model, calib)
-    config = FactorizeMatMulConfig(method="whitened")
+    service = StatisticsService.of(model, calib)
+    stats = service.collect_for(model, FactorizeMatMul(FactorizeMatMulConfig()))
     cache: dict = {}
     started = time.perf_counter()
-    space = search_space(model, config, stats, None, calib, threads=THREADS, cache=cache)
+    space = rank_search.search_space(model, FitSettings(method="whitened"), stats, None,
+                                     service.batches(rank_search.SEARCH_BATCH_SIZE), threads=THREADS, cache=cache)
     setup = time.perf_counter() - started
     started = time.perf_counter()
     runs = space.runner.evaluations
@@ -165,7 +168,7 @@ def plot(points_by_model: dict[str, list], path: Path) -> None:
 
 
 def section(cache: Path, plot_path: Path | None) -> str:
-    lines = [f"<!-- {MARK}:begin -->", "## Allocators at equal budgets, issue #6", "",
+    lines = ["## Allocators at equal budgets, issue #6", "",
              "Command: `python bench/allocators.py --write docs/benchmarks.md --plot docs/allocators.png`. "
              + " ".join(__doc__.split("\n\n")[2].split()), ""]
     points = {}
@@ -187,8 +190,7 @@ def section(cache: Path, plot_path: Path | None) -> str:
     if plot_path is not None:
         plot(points, plot_path)
         lines += [f"![Pareto fronts of the allocators]({plot_path.name})", ""]
-    lines.append(f"<!-- {MARK}:end -->")
-    return "\n".join(lines)
+    return marked(MARK, lines)
 
 
 def main(argv=None) -> int:

@@ -22,20 +22,24 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 import onnxlr
-from onnxlr.api import (SENSITIVITY_PROBES, SENSITIVITY_SAMPLES, calibration_stats, choose_allocation,
-                        output_sensitivities)
+from onnxlr.allocation import allocate_ranks
+from onnxlr.factorization import Decomposer, FitSettings
 from onnxlr.graph import count_parameters, import_graph
 from onnxlr.io import load_model
+from onnxlr.matching import find_layers
 from onnxlr.models import metrics, minilm, mnist, text
-from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig, find_layers
+from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig
 from onnxlr.pipeline import PassManager
+from onnxlr.planning import rank_search
+from onnxlr.runtimes.calibration import SENSITIVITY_PROBES, SENSITIVITY_SAMPLES, StatisticsService
 from onnxlr.runtimes.providers import make_session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plain_svd import bench_parser, emit  # noqa: E402
+from common import bench_parser, emit, marked  # noqa: E402
 
 LEVELS = (0.10, 0.25, 0.50)
 METHODS = ("svd", "asvd", "whitened", "fisher", "isvt")
@@ -62,6 +66,26 @@ def level_budget(model, level: float) -> int:
     return sum(ranks[layer.node.name] * sum(layer.W.shape) for layer in layers)
 
 
+def knapsack_ranks(model, stats, budget: int) -> dict[str, int]:
+    """Ranks with the least summed calibrated output error within ``budget`` parameters (the knapsack
+    on each weight's whitened spectrum, :func:`onnxlr.allocation.allocate_ranks`); 0 keeps a layer dense."""
+    layers, _ = find_layers(import_graph(model))
+    decompositions = Decomposer(FitSettings(method="whitened")).decompositions(layers, stats)
+    keys = list(dict.fromkeys(layer.key for layer in layers))
+    shapes = [next(layer.W.shape for layer in layers if layer.key == key) for key in keys]
+    tails = [np.concatenate([np.cumsum((s ** 2)[::-1])[::-1], [0.0]])
+             for s in (decompositions[key].svd.spectrum for key in keys)]
+    return {key[0]: rank or 0 for key, rank in zip(keys, allocate_ranks(shapes, tails, budget))}
+
+
+def target_allocation(model, stats, calib, budget: int):
+    """What ``--target`` (allocator ``auto``) chooses within ``budget`` parameters of the layers."""
+    service = StatisticsService.of(model, calib)
+    space = rank_search.search_space(model, FitSettings(method="whitened"), stats, None,
+                                     service.batches(rank_search.SEARCH_BATCH_SIZE), threads=2)
+    return space.search(budget, "auto")
+
+
 def variants(model, stats, sensitivity, calib):
     """(method, level) -> optimized ModelProto; the one-shot methods share the same statistics,
     the sequential ones collect their own (one pass per stage)."""
@@ -72,11 +96,11 @@ def variants(model, stats, sensitivity, calib):
             config = FactorizeMatMulConfig(method=method, ranks=ranks)
             fitted = FactorizeMatMul(config, None if method == "svd" else stats, sensitivity)
             out[method, level] = PassManager([fitted]).run(model)[0]
-        config = FactorizeMatMulConfig(method="whitened", param_budget=level_budget(model, level))
+        config = FactorizeMatMulConfig(method="whitened", ranks=knapsack_ranks(model, stats, level_budget(model, level)))
         out["whitened+knapsack", level] = PassManager([FactorizeMatMul(config, stats)]).run(model)[0]
-        chosen = choose_allocation(model, config, stats, None, calib)
-        label = f"whitened+target (→ {chosen['allocator']})"
-        out[label, level] = onnxlr.optimize(model, calib=calib, ranks=chosen["ranks"], conv="none",
+        chosen = target_allocation(model, stats, calib, level_budget(model, level))
+        label = f"whitened+target (→ {chosen.allocator})"
+        out[label, level] = onnxlr.optimize(model, calib=calib, ranks=chosen.ranks_by_name(), conv="none",
                                             validate=False)[0]
         start = time.perf_counter()
         out["whitened+seq", level] = onnxlr.optimize(model, calib=calib, ranks=ranks, sequential=True,
@@ -93,7 +117,8 @@ SENSITIVITY_SECONDS: dict[str, float] = {}
 
 def sensitivities(name, model, calib):
     start = time.perf_counter()
-    found = output_sensitivities(model, calib)
+    layers, _ = find_layers(import_graph(model))
+    found = StatisticsService.of(model, calib).sensitivity(model, sorted({layer.node.outputs[0].name for layer in layers}))
     SENSITIVITY_SECONDS[name] = time.perf_counter() - start
     return found
 
@@ -101,7 +126,7 @@ def sensitivities(name, model, calib):
 def bench_minilm(cache: Path) -> list[str]:
     model = load_model(minilm.build(cache))
     calib_npz, eval_npz = text.build_splits(cache)
-    stats, _ = calibration_stats(model, calib_npz)
+    stats = StatisticsService.of(model, calib_npz).collect_for(model, FactorizeMatMul(FactorizeMatMulConfig()))
     sensitivity = sensitivities("MiniLM", model, calib_npz)
     feeds = text.load(eval_npz)
     reference = minilm.embed(model, feeds)
@@ -117,7 +142,7 @@ def bench_minilm(cache: Path) -> list[str]:
 
 def bench_mnist(cache: Path) -> list[str]:
     model = load_model(mnist.build(cache))
-    stats, _ = calibration_stats(model, cache / mnist.CALIB_FILE)
+    stats = StatisticsService.of(model, cache / mnist.CALIB_FILE).collect_for(model, FactorizeMatMul(FactorizeMatMulConfig()))
     sensitivity = sensitivities("LeNet", model, cache / mnist.CALIB_FILE)
     images, labels = mnist.load_test(cache)
     run = lambda m: make_session(m.SerializeToString(), "CPUExecutionProvider", 2).run(None, {"image": images})[0]  # noqa: E731
@@ -149,7 +174,6 @@ def section(cache: Path) -> str:
     timing = json.loads(subprocess.run([sys.executable, __file__, "--time-only", "--cache-dir", str(cache)],
                                        check=True, capture_output=True, text=True, env=env).stdout)
     lines = [
-        f"<!-- {MARK}:begin -->",
         "## Calibrated factorization, issue #3",
         "",
         f"Command: `python bench/calibrated.py --write docs/benchmarks.md` (onnxruntime {ort.__version__}, "
@@ -184,9 +208,8 @@ def section(cache: Path) -> str:
         f"`fisher` additionally measures output sensitivities with {SENSITIVITY_PROBES} antithetic "
         f"forward-probe pairs on {SENSITIVITY_SAMPLES} calibration samples: "
         + ", ".join(f"{name} {sec:.0f} s" for name, sec in SENSITIVITY_SECONDS.items()) + ".",
-        f"<!-- {MARK}:end -->",
     ]
-    return "\n".join(lines)
+    return marked(MARK, lines)
 
 
 def main(argv=None) -> int:

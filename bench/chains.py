@@ -30,14 +30,16 @@ from onnxlr.graph import count_parameters, import_graph
 from onnxlr.io import load_model
 from onnxlr.macs import count_macs
 from onnxlr.models import metrics, minilm, mnist, ppocr, pypi_models, text
-from onnxlr.passes.compose_chains import ComposeChainsConfig, ComposeLinearChains, find_chains
+from onnxlr.passes.compose_chains import ComposeChainsConfig, ComposeLinearChains
+from onnxlr.passes.linear_chains import find_chains
 from onnxlr.passes.fold_constants import FoldConstants
 from onnxlr.pipeline import PassManager
+from onnxlr.runtimes.calibration import StatisticsService
 from onnxlr.runtimes.latency import measure
 from onnxlr.runtimes.providers import make_session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plain_svd import cache_main  # noqa: E402
+from common import cache_main, marked  # noqa: E402
 
 MARK = "chains"
 THREADS = 2
@@ -124,9 +126,9 @@ def survey(cache: Path) -> list[str]:
 
 def compose(model: onnx.ModelProto, calib: dict, max_error: float) -> tuple[onnx.ModelProto, object, float]:
     start = time.perf_counter()
-    tensors = ComposeLinearChains.stats_tensors(import_graph(model), ComposeChainsConfig())
-    stats = api.tensor_stats(model, tensors, [calib], batch_size=8)
-    composed, [record] = PassManager([ComposeLinearChains(ComposeChainsConfig(max_error), stats)]).run(model)
+    composing = ComposeLinearChains(ComposeChainsConfig(max_error))
+    composing.stats = StatisticsService.of(model, [calib]).collect_for(model, composing)
+    composed, [record] = PassManager([composing]).run(model)
     return composed, record, time.perf_counter() - start
 
 
@@ -175,7 +177,6 @@ def section(cache: Path) -> str:
     subs = subjects(cache)
     rows, details = comparison(subs)
     lines = [
-        f"<!-- {MARK}:begin -->",
         "## Linear chains, issue #10",
         "",
         f"Command: `python bench/chains.py --write docs/benchmarks.md` (onnxruntime {ort.__version__}, "
@@ -202,9 +203,8 @@ def section(cache: Path) -> str:
         "| model | stage | max error | chain (first node) | ops | widths | new widths | params | error |",
         "|---|---|---|---|---|---|---|---|---|",
         *details,
-        f"<!-- {MARK}:end -->",
     ]
-    return "\n".join(lines)
+    return marked(MARK, lines)
 
 
 def main(argv=None) -> int:

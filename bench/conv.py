@@ -20,18 +20,19 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from onnxlr.api import conv_patch_stats, input_shapes
+from onnxlr.shapes import input_shapes
 from onnxlr.io import load_model
 from onnxlr.macs import count_macs
 from onnxlr.models import metrics, mnist, ppocr
-from onnxlr.passes.factorize_conv import DECOMPOSITIONS, FactorizeConv, FactorizeConvConfig
+from onnxlr.passes.factorize_conv import DECOMPOSITIONS, FactorizeConv, FactorizeConvConfig, rewrite
 from onnxlr.pipeline import PassManager
 from onnxlr.runtimes.latency import measure
+from onnxlr.runtimes.calibration import StatisticsService
 from onnxlr.runtimes.latency_guard import LatencyGuard
 from onnxlr.runtimes.providers import make_session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plain_svd import cache_main  # noqa: E402
+from common import cache_main, marked  # noqa: E402
 
 LEVELS = (0.75, 0.5, 0.25)
 PPOCR_LEVELS = (0.9, 0.75, 0.5)
@@ -52,7 +53,7 @@ def factorized(model, decomposition, level, stats=None, guard=None, bound=None):
 
 def bench_lenet(cache: Path) -> list[str]:
     model = load_model(mnist.build(cache))
-    stats = conv_patch_stats(model, cache / mnist.CALIB_FILE)
+    stats = StatisticsService.of(model, cache / mnist.CALIB_FILE).collect_for(model, FactorizeConv())
     images, labels = mnist.load_test(cache)
     run = lambda m: make_session(m.SerializeToString(), "CPUExecutionProvider", THREADS).run(None, {"image": images})[0]  # noqa: E731
     reference = run(model)
@@ -86,13 +87,13 @@ def bench_ppocr(cache: Path) -> list[str]:
         x = inputs[name][ppocr.INPUT_NAME]
         calib, held_out = x[:PPOCR_CALIB[name]], x[PPOCR_CALIB[name]:]
         start = time.perf_counter()
-        stats = conv_patch_stats(model, [{ppocr.INPUT_NAME: calib}], batch_size=1)
+        stats = StatisticsService.of(model, [{ppocr.INPUT_NAME: calib}], batch_size=1).collect_for(model, FactorizeConv())
         stats_seconds = time.perf_counter() - start
         dims = PPOCR_DIMS[name]
         base = count_macs(model, dims).total
         ref_session = make_session(model.SerializeToString(), "CPUExecutionProvider", THREADS)
         reference = ref_session.run(None, {ppocr.INPUT_NAME: held_out})[0]
-        guard = LatencyGuard(input_shapes(model, dims), threads=THREADS)
+        guard = LatencyGuard(input_shapes(model, dims), rewrite, threads=THREADS)
         for level in PPOCR_LEVELS:
             for bound, guarded in PPOCR_VARIANTS:
                 start = time.perf_counter()
@@ -116,7 +117,6 @@ def bench_ppocr(cache: Path) -> list[str]:
 
 def section(cache: Path) -> str:
     lines = [
-        f"<!-- {MARK}:begin -->",
         "## Conv factorization, issue #4",
         "",
         f"Command: `python bench/conv.py --write docs/benchmarks.md` (onnxruntime {ort.__version__}, "
@@ -136,9 +136,8 @@ def section(cache: Path) -> str:
         "decoded to the identical string, relative L2.",
         "",
         *bench_ppocr(cache),
-        f"<!-- {MARK}:end -->",
     ]
-    return "\n".join(lines)
+    return marked(MARK, lines)
 
 
 def main(argv=None) -> int:

@@ -15,15 +15,17 @@ import sys
 import time
 from pathlib import Path
 
-from onnxlr import rank_search
-from onnxlr.api import calibration_stats, layer_budget, search_space
+from onnxlr.factorization import FitSettings
 from onnxlr.io import load_model
 from onnxlr.models import metrics, minilm, text
 from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig
 from onnxlr.pipeline import PassManager
+from onnxlr.planning import rank_search
+from onnxlr.planning.targets import layer_budget
+from onnxlr.runtimes.calibration import StatisticsService
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plain_svd import bench_parser  # noqa: E402
+from common import bench_parser  # noqa: E402
 
 FIT_SAMPLES = 192
 SHARES = (0.85, 0.8)
@@ -38,9 +40,11 @@ def main(argv=None) -> int:
     arrays = text.load(calib)
     fit = {k: v[:FIT_SAMPLES] for k, v in arrays.items()}
     scored = {k: v[FIT_SAMPLES:] for k, v in arrays.items()}
-    stats_fit, _ = calibration_stats(model, fit)
-    stats_all, _ = calibration_stats(model, calib)
-    space = search_space(model, FactorizeMatMulConfig(method="whitened"), stats_fit, None, scored, threads=2)
+    needs = FactorizeMatMul(FactorizeMatMulConfig())
+    stats_fit = StatisticsService.of(model, fit).collect_for(model, needs)
+    stats_all = StatisticsService.of(model, calib).collect_for(model, needs)
+    batches = StatisticsService.of(model, scored).batches(rank_search.SEARCH_BATCH_SIZE)
+    space = rank_search.search_space(model, FitSettings(method="whitened"), stats_fit, None, batches, threads=2)
     started = time.perf_counter()
     rank_search.measure_end_to_end(space.table, space.candidates, space.runner, share=1.0)
     print(f"sensitivities: {time.perf_counter() - started:.0f} s on {len(space.runner.batches)} batches")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_svd import bench_parser, emit  # noqa: E402
+from common import bench_parser, emit, marked  # noqa: E402
 from scaling import run_optimize  # noqa: E402
 
 from onnxlr.models import minilm, text  # noqa: E402
@@ -34,7 +34,7 @@ CONFIGS = (
 def section(cache: Path, only: str | None = None) -> str:
     model = minilm.build(cache)
     calib, held_out = text.build_splits(cache)
-    lines = [f"<!-- {MARK}:begin -->", "## MiniLM full pipeline time, issue #9", "",
+    lines = ["## MiniLM full pipeline time, issue #9", "",
              "Command: `python bench/pipeline.py --write docs/benchmarks.md` (2 cores). `onnxlr optimize "
              "minilm.onnx --calib calib.npz --inputs eval.npz --repeats 20 …` in a fresh process each: start-up, "
              "calibration statistics, factorization, the rank search where there is one, validation on the "
@@ -52,8 +52,7 @@ def section(cache: Path, only: str | None = None) -> str:
         lines.append(f"| {name} | {seconds:.1f} | {peak:,.0f} | {cosine} |")
         print(lines[-1], file=sys.stderr)
     out.unlink(missing_ok=True)
-    lines.append(f"<!-- {MARK}:end -->")
-    return "\n".join(lines)
+    return marked(MARK, lines)
 
 
 def main(argv=None) -> int:

@@ -23,12 +23,13 @@ from pathlib import Path
 import onnxruntime as ort
 
 import onnxlr
+from onnxlr.feeds import sample_inputs
 from onnxlr.models import minilm, mnist, text
 from onnxlr.runtimes.mobile import convert_to_ort
 from onnxlr.runtimes.runner import NOT_DEVICES, batches
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plain_svd import bench_parser, emit  # noqa: E402
+from common import bench_parser, emit, marked  # noqa: E402
 
 MARK = "providers"
 THREADS = 2
@@ -73,7 +74,7 @@ def rows_for(name: str, path: Path, calib, inputs, batch: int, device: str, repe
         for warning in v.warnings:
             notes.append(f"{name} {recipe}: warning: {warning}")
         with tempfile.TemporaryDirectory() as tmp:
-            feeds, _ = onnxlr.api.sample_inputs(optimized, inputs)
+            feeds, _ = sample_inputs(optimized, inputs)
             conversion = convert_to_ort(optimized, Path(tmp) / "m.ort", feeds=next(batches(feeds, batch)))
         notes.append(f"{name} {recipe}: built in {built:.1f} s; .onnx {optimized.ByteSize():,} B, .ort "
                      f"{conversion.bytes:,} B ({'runs, max abs diff %.2g' % conversion.max_abs_diff if conversion.ok else conversion.reason})")
@@ -90,14 +91,14 @@ def section(cache: Path, device: str, repeats: int) -> str:
     mini_rows = rows_for("MiniLM", mini, calib_npz, eval_npz, 8, device, repeats)
     split = lambda rows: ([r for r in rows if r.startswith("|")], [r for r in rows if not r.startswith("|")])  # noqa: E731
     (t1, n1), (t2, n2) = split(mini_rows), split(lenet_rows)
-    lines = [f"<!-- {MARK}:begin -->", "## Providers and devices, issue #7", "",
+    lines = ["## Providers and devices, issue #7", "",
              __doc__.split("\n\n")[2].replace("\n", " "), "",
              f"Command: `python bench/providers.py --device {device} --write docs/benchmarks.md`; "
              f"{platform.processor() or platform.machine()}, {THREADS} threads, onnxruntime {ort.__version__} here.",
              "", *head, *t1, *t2, "", "Every provider of each build is listed; " + ", ".join(
                  f"{p} ({why})" for p, why in NOT_DEVICES.items()) + " is listed and not run.", "",
-             *[n for n in n1 + n2 if n], f"<!-- {MARK}:end -->"]
-    return "\n".join(lines)
+             *[n for n in n1 + n2 if n]]
+    return marked(MARK, lines)
 
 
 def main(argv=None) -> int:

@@ -14,26 +14,23 @@ digits and scored on the 1000 test digits (batch 64 for latency, 5× the repeats
 
 from __future__ import annotations
 
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 import onnxlr
-from onnxlr.models import metrics, minilm, mnist, text
-from onnxlr.recipes import RECIPES
+from onnxlr.models import minilm, mnist, text
+from onnxlr.planning.recipes import RECIPES
 from onnxlr.runtimes.latency import measure
 from onnxlr.runtimes.providers import make_session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plain_svd import bench_parser, emit  # noqa: E402
+from common import bench_parser, embedding_cells, emit, lenet_rows, machine, marked  # noqa: E402
 
 MARK = "quantize"
 THREADS = 2
@@ -90,11 +87,9 @@ def bench_minilm(cache: Path, repeats: int) -> list[str]:
     rows = ["| variant | size (MB) | speed-up (b8×64) | cosine mean (min) | top-10 overlap | build (s) |",
             "|---|---|---|---|---|---|"]
     for label, (blob, seconds) in models.items():
-        emb = minilm.embed(blob, feeds)
-        cos = metrics.cosine_rows(reference, emb)
-        rows.append(f"| {label} | {len(blob) / 1e6:.2f} | {base / times[label].median_ms:.2f}× | "
-                    f"{cos.mean():.4f} ({cos.min():.3f}) | {metrics.topk_overlap(reference, emb, k=10):.3f} | "
-                    f"{seconds:.1f} |")
+        cells = [label, f"{len(blob) / 1e6:.2f}", f"{base / times[label].median_ms:.2f}×",
+                 *embedding_cells(reference, blob, feeds), f"{seconds:.1f}"]
+        rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 
@@ -103,27 +98,19 @@ def bench_mnist(cache: Path, repeats: int) -> list[str]:
     images, labels = mnist.load_test(cache)
     models = variants(path, cache / "mnist_calib.npz")
     times = timing(models, {"image": images[:64]}, 5 * repeats)  # a run takes ~2 ms: more of them
-    reference = None
     base = times["original (fp32)"].median_ms
-    rows = ["| variant | size (KB) | speed-up (b64) | accuracy | top-1 agreement | build (s) |",
-            "|---|---|---|---|---|---|"]
-    for label, (blob, seconds) in models.items():
-        logits = make_session(blob, "CPUExecutionProvider", THREADS).run(None, {"image": images})[0]
-        reference = logits if reference is None else reference
-        rows.append(f"| {label} | {len(blob) / 1e3:.1f} | {base / times[label].median_ms:.2f}× | "
-                    f"{metrics.accuracy(logits, labels):.3f} | {metrics.top1_agreement(reference, logits):.3f} | "
-                    f"{seconds:.1f} |")
-    return rows
+    columns = {label: [f"{len(blob) / 1e3:.1f}", f"{base / times[label].median_ms:.2f}×", f"{seconds:.1f}"]
+               for label, (blob, seconds) in models.items()}
+    return ["| variant | size (KB) | speed-up (b64) | build (s) | accuracy | top-1 agreement |",
+            "|---|---|---|---|---|---|",
+            *lenet_rows({label: blob for label, (blob, _) in models.items()}, images, labels, columns)]
 
 
 def section(cache: Path, repeats: int) -> str:
-    cpu = platform.processor() or platform.machine()
     lines = [
-        f"<!-- {MARK}:begin -->",
         "## Quantization and sparsity recipes, issue #5",
         "",
-        f"Command: `python bench/quantize.py --write docs/benchmarks.md` (onnxruntime {ort.__version__}, "
-        f"CPUExecutionProvider, {THREADS} threads, {os.cpu_count()} cores, {cpu}; {repeats} interleaved timed "
+        f"Command: `python bench/quantize.py --write docs/benchmarks.md` ({machine()}; {repeats} interleaved timed "
         "runs of every variant after 5 warm-ups, speed-up = original median / variant median). "
         "`onnxlr recipes` describes each recipe.",
         "",
@@ -134,9 +121,8 @@ def section(cache: Path, repeats: int) -> str:
         "### LeNet on MNIST (1000 held-out digits)",
         "",
         *bench_mnist(cache, repeats),
-        f"<!-- {MARK}:end -->",
     ]
-    return "\n".join(lines)
+    return marked(MARK, lines)
 
 
 def ab(cache: Path, runs: int, repeats: int = 300) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_svd import bench_parser, emit  # noqa: E402
+from common import bench_parser, emit, marked  # noqa: E402
 
 from onnxlr.models.synthetic import cnn_stack, transformer_stack  # noqa: E402
 
@@ -94,7 +94,7 @@ def bench(kind: str, sizes, work: Path, largest: int | None) -> tuple[list[str],
 
 
 def section(work: Path, largest: int | None) -> str:
-    lines = [f"<!-- {MARK}:begin -->", "## Optimizer cost vs model size, issue #9", "",
+    lines = ["## Optimizer cost vs model size, issue #9", "",
              "Command: `python bench/scaling.py --write docs/benchmarks.md` (2 cores; each run `onnxlr optimize "
              "MODEL --rank-ratio 0.2 --no-validate`, CNNs with `--conv channel --conv-ratio 0.4`, in a fresh "
              "process; every model stored with external data, so processed streamed). Peak = the process's "
@@ -108,8 +108,8 @@ def section(work: Path, largest: int | None) -> str:
         if len(points) >= 3:
             params, seconds, peak, _ = map(np.array, zip(*points))
             fits.append(growth_line(kind, params, seconds, peak))
-    lines += ["", "Fitted growth (least squares on log–log):", "", *fits, f"<!-- {MARK}:end -->"]
-    return "\n".join(lines)
+    lines += ["", "Fitted growth (least squares on log–log):", "", *fits]
+    return marked(MARK, lines)
 
 
 def main(argv=None) -> int:

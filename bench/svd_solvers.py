@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_svd import cache_main  # noqa: E402
+from common import cache_main, marked  # noqa: E402
 
 from onnxlr import linalg  # noqa: E402
 
@@ -75,7 +75,7 @@ def rows(name: str, W: np.ndarray) -> list[str]:
 
 
 def section(cache: Path) -> str:
-    lines = [f"<!-- {MARK}:begin -->", "## Randomized vs exact SVD, issue #9", "",
+    lines = ["## Randomized vs exact SVD, issue #9", "",
              "Command: `python bench/svd_solvers.py --write docs/benchmarks.md` (2 cores, BLAS on both). "
              "Exact = full `gesdd` then truncation (what the energy rule and the budget allocation need "
              "anyway); randomized = `linalg.randomized_svd` (q = 4, oversampling max(10, 10% of the rank)). "
@@ -89,8 +89,7 @@ def section(cache: Path) -> str:
     for name, W in matrices:
         lines += rows(name, W)
         print(lines[-1], file=sys.stderr)
-    lines.append(f"<!-- {MARK}:end -->")
-    return "\n".join(lines)
+    return marked(MARK, lines)
 
 
 def main(argv=None) -> int:

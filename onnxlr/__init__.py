@@ -1,4 +1,5 @@
-"""onnxlr: make exported ONNX models smaller and faster with low-rank factorization.
+"""onnxlr: make exported ONNX models smaller and faster — low-rank factorization, quantization and
+pruning, validated with ONNX Runtime.
 
     >>> import onnxlr
     >>> optimized, report = onnxlr.optimize("model.onnx", rank_ratio=0.5)
@@ -8,6 +9,6 @@
 from onnxlr.api import inspect, optimize, validate, write
 from onnxlr.errors import OnnxlrError
 from onnxlr.report import Report
+from onnxlr.version import __version__
 
-__all__ = ["optimize", "validate", "inspect", "write", "Report", "OnnxlrError"]
-__version__ = "0.1.0"
+__all__ = ["optimize", "validate", "inspect", "write", "Report", "OnnxlrError", "__version__"]

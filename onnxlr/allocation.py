@@ -6,9 +6,8 @@ the model's output error, e.g. the tail of the layer's whitened spectrum (its ca
 at rank r) times the layer's measured output sensitivity. Choosing one option per layer to minimise
 the summed cost within a parameter budget is a multiple-choice knapsack, which :func:`allocate_ranks`
 solves by dynamic programming over a discretised budget. No convexity is assumed, so the jump at the
-break-even rank (a factorization only pays below it) is handled exactly. (A Lagrangian relaxation —
-one price per parameter, bisected — was tried first: on random 3-layer instances it missed the
-brute-force optimum in 12% of cases, by up to 70%.)
+break-even rank (a factorization only pays below it) is handled exactly, which a Lagrangian relaxation
+(one price per parameter) does not (docs/benchmarks.md, "Design measurements").
 """
 
 from __future__ import annotations
@@ -234,32 +233,65 @@ def evolutionary(costs: Sequence[np.ndarray], budget: float,
 
     Returns the best picks found and a :class:`SearchLog`.
     """
-    rng = np.random.default_rng(seed)
-    steps = [1] * len(costs) if steps is None else [max(1, int(s)) for s in steps]
-    log = SearchLog()
-    memo: dict[tuple, float] = {}
-    everything = tuple(range(n_batches))
+    search = _Evolution(costs, budget, fitness, n_batches, np.random.default_rng(seed), max_mutations,
+                        [1] * len(costs) if steps is None else [max(1, int(s)) for s in steps])
+    parent = tuple(int(j) for j in start)
+    if total_cost(costs, parent) > budget:
+        raise ValueError("the starting point exceeds the budget")
+    final_ids = search.subset(stages[-1][1])
+    best = search.score(parent, final_ids)
+    stale = 0
+    # progress=None: a bar on a terminal only, silent in logs and tests
+    bar = tqdm(range(generations), desc="evolutionary search", unit="gen", leave=False,
+               disable=None if progress is None else not progress)
+    for _ in bar:
+        children = search.children(parent, offspring)
+        if not children:
+            break
+        winner = search.select(children, parent, stages, final_ids)
+        search.log.generations += 1
+        fit = search.score(winner, final_ids)
+        if fit < best:
+            parent, best, stale = winner, fit, 0
+        else:
+            stale += 1
+        search.log.best.append(best)
+        bar.set_postfix(fitness=f"{best:.4g}")
+        if stale >= patience:
+            search.log.stopped_early = True
+            break
+    return list(parent), search.log
 
-    def score_all(pending: Sequence[tuple[int, ...]], ids: Sequence[int]) -> None:
-        todo = [key for key in dict.fromkeys((picks, tuple(ids)) for picks in pending) if key not in memo]
+
+class _Evolution:
+    """The state of one :func:`evolutionary` search: scores already known, the random draws, the log."""
+
+    def __init__(self, costs, budget, fitness, n_batches, rng, max_mutations, steps):
+        self.costs, self.budget, self.fitness, self.n_batches = costs, budget, fitness, n_batches
+        self.rng, self.max_mutations, self.steps = rng, max_mutations, steps
+        self.log = SearchLog()
+        self.memo: dict[tuple, float] = {}
+
+    def score_all(self, pending: Sequence[tuple[int, ...]], ids: Sequence[int]) -> None:
+        todo = [key for key in dict.fromkeys((picks, tuple(ids)) for picks in pending) if key not in self.memo]
         if todo:
-            memo.update(zip(todo, fitness(todo)))
-            log.evaluations += len(todo)
-            log.batch_runs += len(ids) * len(todo)
+            self.memo.update(zip(todo, self.fitness(todo)))
+            self.log.evaluations += len(todo)
+            self.log.batch_runs += len(ids) * len(todo)
 
-    def score(picks: tuple[int, ...], ids: Sequence[int]) -> float:
-        score_all([picks], ids)
-        return memo[(picks, tuple(ids))]
+    def score(self, picks: tuple[int, ...], ids: Sequence[int]) -> float:
+        self.score_all([picks], ids)
+        return self.memo[(picks, tuple(ids))]
 
-    def subset(share: float) -> tuple[int, ...]:
+    def subset(self, share: float) -> tuple[int, ...]:
         if share >= 1.0:
-            return everything
-        size = max(1, int(round(share * n_batches)))
-        return tuple(sorted(rng.choice(n_batches, size=size, replace=False).tolist()))
+            return tuple(range(self.n_batches))
+        size = max(1, int(round(share * self.n_batches)))
+        return tuple(sorted(self.rng.choice(self.n_batches, size=size, replace=False).tolist()))
 
-    def mutate(parent: tuple[int, ...]) -> tuple[int, ...]:
-        child = list(parent)
-        for _ in range(min(rng.integers(1, max_mutations + 1), rng.integers(1, max_mutations + 1))):
+    def mutate(self, parent: tuple[int, ...]) -> tuple[int, ...]:
+        rng, costs, child = self.rng, self.costs, list(parent)
+        for _ in range(min(rng.integers(1, self.max_mutations + 1), rng.integers(1, self.max_mutations + 1))):
             down = [l for l, j in enumerate(child) if j > 0]
             up = [l for l, j in enumerate(child) if j + 1 < len(costs[l])]
             if not down or not up:
@@ -267,50 +299,46 @@ def evolutionary(costs: Sequence[np.ndarray], budget: float,
             i = down[rng.integers(len(down))]
             up = [l for l in up if l != i] or up
             j = up[rng.integers(len(up))]
-            child[i] = max(0, child[i] - steps[i])
-            left = budget - total_cost(costs, child)
+            child[i] = max(0, child[i] - self.steps[i])
+            left = self.budget - total_cost(costs, child)
             while child[j] + 1 < len(costs[j]) and costs[j][child[j] + 1] - costs[j][child[j]] <= left:
                 left -= costs[j][child[j] + 1] - costs[j][child[j]]
                 child[j] += 1
         return tuple(child)
 
-    parent = tuple(int(j) for j in start)
-    if total_cost(costs, parent) > budget:
-        raise ValueError("the starting point exceeds the budget")
-    final_ids = subset(stages[-1][1])
-    best = score(parent, final_ids)
-    stale = 0
-    # progress=None: a bar on a terminal only, silent in logs and tests
-    bar = tqdm(range(generations), desc="evolutionary search", unit="gen", leave=False,
-               disable=None if progress is None else not progress)
-    for _ in bar:
-        children: list[tuple[int, ...]] = []
+    def children(self, parent: tuple[int, ...], offspring: int) -> list[tuple[int, ...]]:
+        """Up to ``offspring`` distinct children of ``parent``."""
+        found: list[tuple[int, ...]] = []
         for _attempt in range(20 * offspring):
-            if len(children) == offspring:
+            if len(found) == offspring:
                 break
-            child = mutate(parent)
-            if child != parent and child not in children:
-                children.append(child)
-        if not children:
-            break
+            child = self.mutate(parent)
+            if child != parent and child not in found:
+                found.append(child)
+        return found
+
+    def select(self, children, parent, stages, final_ids) -> tuple[int, ...]:
+        """The best of ``children`` through the selection ``stages`` (the parent joins the last)."""
         survivors = children
         for number, (keep, share) in enumerate(stages):
             last = number == len(stages) - 1
-            ids = final_ids if last else subset(share)
+            ids = final_ids if last else self.subset(share)
             if last:
                 survivors = [*survivors, parent]
-            score_all(survivors, ids)
-            survivors = sorted(survivors, key=lambda c: score(c, ids))[:keep]
-        log.generations += 1
-        winner = survivors[0]
-        fit = score(winner, final_ids)
-        if fit < best:
-            parent, best, stale = winner, fit, 0
-        else:
-            stale += 1
-        log.best.append(best)
-        bar.set_postfix(fitness=f"{best:.4g}")
-        if stale >= patience:
-            log.stopped_early = True
-            break
-    return list(parent), log
+            self.score_all(survivors, ids)
+            survivors = sorted(survivors, key=lambda c: self.score(c, ids))[:keep]
+        return survivors[0]
+
+
+def pareto_front(costs: np.ndarray, errors: np.ndarray) -> np.ndarray:
+    """Indices of the options no other beats, cheapest first: each costs more than the previous one
+    and has a smaller error (ties in cost: the smaller error; an option costing more for no less error
+    is never worth taking). The knapsack and :func:`fill` then see costs rising, errors falling."""
+    costs, errors = np.asarray(costs, np.float64), np.asarray(errors, np.float64)
+    order = np.lexsort((errors, costs))
+    keep, best = [], np.inf
+    for j in order:
+        if errors[j] < best:
+            keep.append(int(j))
+            best = errors[j]
+    return np.array(keep, dtype=int)

@@ -186,3 +186,78 @@ def _pack_last_axis(values: np.ndarray, bits: int) -> np.ndarray:
     for j in range(values.shape[-1]):
         packed |= (values[..., j].astype(np.uint8) << np.uint8(bits * j)).astype(np.uint8)
     return packed
+
+
+def matmulnbits_bytes(K: int, N: int, bits: int = 4, block_size: int = 32, symmetric: bool = False,
+                      scale_itemsize: int = 4) -> int:
+    """Bytes MatMulNBits stores for a (K, N) weight: the packed levels B, the scales (``scale_itemsize``
+    bytes each: the weight's dtype) and, unless ``symmetric``, the packed zero points."""
+    blocks = n_blocks(K, block_size)
+    data = N * blocks * block_size * bits // 8
+    scales = N * blocks * scale_itemsize
+    zero_points = 0 if symmetric else N * -(-blocks * bits // 8)
+    return data + scales + zero_points
+
+
+# ----------------------------------------------------------------------------------------------------
+# Embedding tables in ``com.microsoft.GatherBlockQuantized``'s layout. A table T (V, d) is cut along d
+# (the hidden axis, ``quantize_axis=1``) into blocks of ``block_size`` values per row, each with its own
+# scale and zero point (the asymmetric rule above); the uint8 ``data`` (V, d * bits / 8) holds
+# consecutive values of a row lowest bits first, the zero points (V, ceil(n_blocks * bits / 8)) are
+# packed the same way along the blocks. The op returns ``(level - zero_point) * scale`` in the scales'
+# dtype (float16 scales: a float16 output).
+
+TABLE_BITS = (2, 4, 8)
+
+
+def check_table_format(d: int, bits: int, block_size: int) -> None:
+    """GatherBlockQuantized's constraints for a table with rows of ``d`` values (ValueError otherwise);
+    rows must hold whole blocks."""
+    if bits not in TABLE_BITS:
+        raise ValueError(f"table bits must be one of {TABLE_BITS}, got {bits}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    if d % block_size:
+        raise ValueError(f"rows of {d} values do not split into blocks of {block_size}")
+
+
+def quantize_table(T: np.ndarray, bits: int = 4, block_size: int = 64, scale_dtype=np.float16):
+    """Round-to-nearest asymmetric block quantization of the rows of a table T (V, d).
+
+    Returns ``(levels, scales, zero_points)``: uint8 levels (V, d); scales (V, d / block_size) in
+    ``scale_dtype``; uint8 zero points (V, d / block_size). Levels are computed against the scales as
+    stored (a float16 scale rounds first), so :func:`dequantize_table` is what the op computes.
+    """
+    T = np.asarray(T, np.float32)
+    V, d = T.shape
+    check_table_format(d, bits, block_size)
+    blocks = T.reshape(V, d // block_size, block_size)
+    scales, zero_points = block_parameters(blocks.min(axis=2), blocks.max(axis=2), bits, False, np.dtype(scale_dtype))
+    levels = quantize_values(blocks, scales[..., None], zero_points[..., None], bits)
+    return levels.reshape(V, d), scales, zero_points
+
+
+def dequantize_table(levels: np.ndarray, scales: np.ndarray, zero_points: np.ndarray) -> np.ndarray:
+    """The float32 table (V, d) of ``(level - zero_point) * scale`` per block (the scale as stored)."""
+    V, d = levels.shape
+    nb = scales.shape[1]
+    blocks = dequantize_values(levels.reshape(V, nb, d // nb), scales[..., None], zero_points[..., None])
+    return blocks.reshape(V, d)
+
+
+def pack_table(levels: np.ndarray, zero_points: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """GatherBlockQuantized's uint8 inputs ``(data (V, d*bits/8), zero_points (V, ceil(nb*bits/8)))``;
+    a missing last zero point in a byte is filled with 2^(bits-1)."""
+    per_byte = 8 // bits
+    V, d = levels.shape
+    data = _pack_last_axis(levels.reshape(V, d // per_byte, per_byte), bits)
+    nb = zero_points.shape[1]
+    filled = np.full((V, n_blocks(nb, per_byte) * per_byte), default_zero_point(bits), np.uint8)
+    filled[:, :nb] = zero_points
+    return data, _pack_last_axis(filled.reshape(V, -1, per_byte), bits)
+
+
+def table_bytes(V: int, d: int, bits: int = 4, block_size: int = 64, scale_itemsize: int = 2) -> int:
+    """Bytes of a (V, d) table in GatherBlockQuantized's layout: data, scales and zero points."""
+    blocks = d // block_size
+    return V * d * bits // 8 + V * blocks * scale_itemsize + V * -(-blocks * bits // 8)

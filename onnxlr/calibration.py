@@ -5,7 +5,12 @@
 - **an .npz file** (``numpy.savez`` / ``savez_compressed``) with one array per model input, keyed by the
   input's name. All arrays share a leading *sample* axis; batches are slices of ``batch_size`` rows.
   Rows are read from the archive as they are needed (compressed or not), so the whole file is never
-  held in memory at once.
+  held in memory at once. Two exceptions, for models with state and settings among their inputs
+  (Silero VAD: ``input [batch, 512]``, ``state [2, batch, 128]``, ``sr`` a scalar):
+
+  - a 0-d array (a scalar input such as a sample rate) has no sample axis: it is given with every batch;
+  - when the model has an input whose axis 0 is a fixed size above 1 (a recurrent state with the batch
+    on axis 1) and the arrays do not share a leading length, the file is **one feed**, given whole.
 - **a folder of .npz files**: each file, in sorted file-name order (zero-pad numbers: ``batch_007.npz``),
   is laid out like the single .npz above and is cut into batches of ``batch_size`` rows; a batch never
   spans two files, so files may differ in their free dimensions (e.g. sequence length).
@@ -36,7 +41,7 @@ import numpy as np
 import onnx
 
 from onnxlr.errors import OnnxlrError
-from onnxlr.runtimes.feeds import check_feeds, model_inputs
+from onnxlr.feeds import check_feeds, fixed_batch, model_inputs
 
 Batch = dict[str, np.ndarray]
 
@@ -63,7 +68,7 @@ def calibration_batches(source, model: onnx.ModelProto, *, samples: int | None =
         label = str(source)
     elif isinstance(source, Mapping):
         arrays = {str(k): _as_array(v, f"input {k!r}") for k, v in source.items()}
-        chunks = _slice_arrays(arrays, "calibration inputs", batch_size)
+        chunks = _slice_arrays(arrays, "calibration inputs", batch_size, _whole_feeds(model))
         label = "calibration inputs"
     elif isinstance(source, (bytes, bytearray)) or not isinstance(source, Iterable):
         raise OnnxlrError(f"calibration data must be a path to an .npz file or a folder, or an iterable of "
@@ -72,6 +77,37 @@ def calibration_batches(source, model: onnx.ModelProto, *, samples: int | None =
         chunks = _iterable_chunks(source)
         label = "the calibration iterable"
     return _checked(chunks, model, samples, label)
+
+
+class CalibrationSet:
+    """The user's calibration data, bound to the model whose inputs it feeds, readable again and again.
+
+    source : a path (an .npz, a folder), a dict of arrays, or an iterable of feed dicts — a one-shot
+        iterator (a generator) is read into a list once, since statistics read the data several times.
+    samples : read at most this many samples; ``batch_size`` : rows per batch (file and dict sources).
+
+    Iterating yields checked batches (:func:`calibration_batches`); :meth:`batches` re-cuts them.
+    Problems with the source itself are raised here, at once.
+    """
+
+    def __init__(self, source, model: onnx.ModelProto, *, samples: int | None = None, batch_size: int = 8):
+        if isinstance(source, CalibrationSet):
+            source = source.source
+        if isinstance(source, Iterator):
+            source = list(source)
+        # a model exported with a fixed batch runs that many samples at a time, whatever the data's stacking
+        batch_size = fixed_batch(model) or batch_size
+        self.source, self.model, self.samples, self.batch_size = source, model, samples, batch_size
+        calibration_batches(source, model, samples=samples, batch_size=batch_size)  # fail on a bad source now
+
+    def __iter__(self) -> Iterator[Batch]:
+        return calibration_batches(self.source, self.model, samples=self.samples, batch_size=self.batch_size)
+
+    def batches(self, *, batch_size: int | None = None, samples: int | None = None) -> Iterator[Batch]:
+        """The batches again, ``batch_size`` rows each (file and dict sources) and at most ``samples``
+        (and at most the set's own limit)."""
+        limit = min(s for s in (samples, self.samples) if s is not None) if samples or self.samples else None
+        return calibration_batches(self.source, self.model, samples=limit, batch_size=batch_size or self.batch_size)
 
 
 def find_mask_input(model: onnx.ModelProto, mask: str | None = None) -> str | None:
@@ -106,13 +142,12 @@ def _checked(chunks: Iterator[tuple[Batch, str]], model: onnx.ModelProto, sample
     taken = 0
     try:
         for batch, where in chunks:
-            if samples is not None:
-                n = _rows(batch, where, required=True)
-                if taken + n > samples:
-                    batch = {k: v[:samples - taken] for k, v in batch.items()}
-                    n = samples - taken
-            else:
-                n = _rows(batch, where, required=False)
+            n = _rows(batch)
+            if n is None:  # one feed given whole: one sample, never cut
+                n = 1
+            elif samples is not None and taken + n > samples:
+                batch = {k: (v[:samples - taken] if v.ndim else v) for k, v in batch.items()}
+                n = samples - taken
             if n == 0:
                 continue
             check_feeds(model, batch, where)
@@ -128,22 +163,19 @@ def _checked(chunks: Iterator[tuple[Batch, str]], model: onnx.ModelProto, sample
         raise OnnxlrError(f"no calibration samples in {label}")
 
 
-def _rows(batch: Batch, where: str, *, required: bool) -> int:
-    """The number of samples in a batch: its arrays' shared leading length.
-
-    With ``required`` False a batch whose arrays do not share one (e.g. a scalar input) counts as one
-    sample; with it True (cutting at ``samples``) that is an error.
-    """
-    lengths = {name: (v.shape[0] if v.ndim else None) for name, v in batch.items()}
-    distinct = set(lengths.values())
-    if len(distinct) == 1 and None not in distinct:
-        return distinct.pop()
+def _rows(batch: Batch) -> int | None:
+    """The number of samples in a batch: its arrays' shared leading length, scalars aside; None when they
+    share none (a feed given whole)."""
+    lengths = {v.shape[0] for v in batch.values() if v.ndim}
     if not lengths:
-        return 1
-    if required:
-        detail = ", ".join(f"{k}: {'scalar' if n is None else n}" for k, n in lengths.items())
-        raise OnnxlrError(f"{where}: arrays do not share a leading sample axis ({detail}), so samples cannot be counted")
-    return 1
+        return None
+    return lengths.pop() if len(lengths) == 1 else None
+
+
+def _whole_feeds(model: onnx.ModelProto) -> bool:
+    """Whether files whose arrays share no leading length are one feed each (else an error): so when the
+    model has an input whose axis 0 cannot be a sample axis, being a fixed size above 1."""
+    return any(spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 1 for spec in model_inputs(model))
 
 
 # --------------------------------------------------------------------------------------- iterables
@@ -164,25 +196,31 @@ def _as_array(value, what: str) -> np.ndarray:
     return array
 
 
-def _slice_arrays(arrays: Batch, label: str, batch_size: int) -> Iterator[tuple[Batch, str]]:
-    """Rows ``[i, i + batch_size)`` of arrays that share a leading sample axis."""
-    n = _shared_length({k: v.shape for k, v in arrays.items()}, label)
+def _slice_arrays(arrays: Batch, label: str, batch_size: int, whole: bool) -> Iterator[tuple[Batch, str]]:
+    """Rows ``[i, i + batch_size)`` of arrays that share a leading sample axis (scalars go with every batch);
+    the arrays whole, as one feed, when they share none and ``whole`` allows it."""
+    n = _shared_length({k: v.shape for k, v in arrays.items()}, label, whole)
+    if n is None:
+        yield {k: np.array(v) for k, v in arrays.items()}, f"{label} (one feed)"
+        return
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        yield {k: np.array(v[start:stop]) for k, v in arrays.items()}, f"{label} (samples {start}-{stop - 1})"
+        yield ({k: np.array(v[start:stop] if v.ndim else v) for k, v in arrays.items()},
+               f"{label} (samples {start}-{stop - 1})")
 
 
-def _shared_length(shapes: Mapping[str, tuple], label: str) -> int:
+def _shared_length(shapes: Mapping[str, tuple], label: str, whole: bool) -> int | None:
+    """The leading length the arrays share, 0-d arrays aside; None for one feed given whole (see
+    :func:`_whole_feeds`)."""
     if not shapes:
         raise OnnxlrError(f"{label} holds no arrays")
-    scalars = [k for k, s in shapes.items() if len(s) == 0]
-    if scalars:
-        raise OnnxlrError(f"{label}: array {scalars[0]!r} is a scalar; arrays need a leading sample axis")
-    lengths = {k: s[0] for k, s in shapes.items()}
-    if len(set(lengths.values())) != 1:
-        detail = ", ".join(f"{k}: {n}" for k, n in lengths.items())
-        raise OnnxlrError(f"{label}: arrays have different numbers of samples ({detail})")
-    return next(iter(lengths.values()))
+    lengths = {k: s[0] for k, s in shapes.items() if len(s)}
+    if len(set(lengths.values())) == 1:
+        return next(iter(lengths.values()))
+    if whole or not lengths:
+        return None
+    detail = ", ".join(f"{k}: {n}" for k, n in lengths.items())
+    raise OnnxlrError(f"{label}: arrays have different numbers of samples ({detail})")
 
 
 # ------------------------------------------------------------------------------------------- paths
@@ -192,7 +230,7 @@ def _path_chunks(path: Path, model: onnx.ModelProto, batch_size: int) -> Iterato
     """Resolve the layout now (errors at once), then return a generator over its batches."""
     if path.is_file():
         _require_npz(path)
-        return _npz_chunks(path, batch_size)
+        return _npz_chunks(path, batch_size, _whole_feeds(model))
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
         npz = [p for p in files if p.suffix.lower() == ".npz"]
@@ -202,9 +240,9 @@ def _path_chunks(path: Path, model: onnx.ModelProto, batch_size: int) -> Iterato
         if npz:
             for p in npz:
                 _require_npz(p)
-            return _npz_folder_chunks(npz, batch_size)
+            return _npz_folder_chunks(npz, batch_size, _whole_feeds(model))
         if npy:
-            return _npy_folder_chunks(path, npy, batch_size)
+            return _npy_folder_chunks(path, npy, batch_size, _whole_feeds(model))
         raise OnnxlrError(f"calibration folder {path} holds no .npz or .npy files")
     if path.exists():
         raise OnnxlrError(f"calibration data {path} is neither a file nor a folder")
@@ -216,13 +254,14 @@ def _require_npz(path: Path) -> None:
         raise OnnxlrError(f"{path} is not an .npz file (arrays saved with numpy.savez)")
 
 
-def _npz_folder_chunks(paths: list[Path], batch_size: int) -> Iterator[tuple[Batch, str]]:
+def _npz_folder_chunks(paths: list[Path], batch_size: int, whole: bool) -> Iterator[tuple[Batch, str]]:
     for path in paths:
-        yield from _npz_chunks(path, batch_size)
+        yield from _npz_chunks(path, batch_size, whole)
 
 
-def _npz_chunks(path: Path, batch_size: int) -> Iterator[tuple[Batch, str]]:
-    """Stream ``batch_size`` rows at a time from every array of one .npz."""
+def _npz_chunks(path: Path, batch_size: int, whole: bool) -> Iterator[tuple[Batch, str]]:
+    """Stream ``batch_size`` rows at a time from every array of one .npz (or the file as one feed, see
+    :func:`_shared_length`)."""
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
@@ -232,10 +271,14 @@ def _npz_chunks(path: Path, batch_size: int) -> Iterator[tuple[Batch, str]]:
         try:
             for name in npz.files:
                 readers[name] = _MemberReader(npz, name, path)
-            n = _shared_length({k: r.shape for k, r in readers.items()}, str(path))
+            n = _shared_length({k: r.shape for k, r in readers.items()}, str(path), whole)
+            if n is None:
+                yield {k: r.read_all() for k, r in readers.items()}, f"{path} (one feed)"
+                return
+            scalars = {k: r.read_all() for k, r in readers.items() if not r.shape}
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
-                batch = {k: r.read(stop - start) for k, r in readers.items()}
+                batch = {k: (scalars[k] if k in scalars else r.read(stop - start)) for k, r in readers.items()}
                 yield batch, f"{path} (samples {start}-{stop - 1})"
         finally:
             for reader in readers.values():
@@ -276,7 +319,7 @@ class _MemberReader:
             self._stream = stream
         self.shape = tuple(shape)
         self.dtype = dtype
-        self._row_shape = self.shape[1:]
+        self._row_shape = self.shape[1:]  # a scalar reads as one "row" of shape ()
         self._row_bytes = int(np.prod(self._row_shape, dtype=np.int64)) * dtype.itemsize
 
     def _load_whole(self, npz, name: str) -> np.ndarray:
@@ -288,6 +331,12 @@ class _MemberReader:
             raise OnnxlrError(f"{self.label} is not readable ({exc})") from None
         except (OSError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:
             raise OnnxlrError(f"{self.label} is not readable ({type(exc).__name__})") from None
+
+    def read_all(self) -> np.ndarray:
+        """The whole array (a scalar, or every row)."""
+        if not self.shape:
+            return self.read(1).reshape(())
+        return self.read(self.shape[0])
 
     def read(self, count: int) -> np.ndarray:
         """The next ``count`` rows, as a fresh writable array."""
@@ -318,7 +367,7 @@ class _MemberReader:
             self._stream = None
 
 
-def _npy_folder_chunks(folder: Path, files: list[Path], batch_size: int) -> Iterator[tuple[Batch, str]]:
+def _npy_folder_chunks(folder: Path, files: list[Path], batch_size: int, whole: bool) -> Iterator[tuple[Batch, str]]:
     arrays = {}
     for path in files:
         try:
@@ -329,7 +378,7 @@ def _npy_folder_chunks(folder: Path, files: list[Path], batch_size: int) -> Iter
             raise OnnxlrError(f"{path} is not a readable .npy file ({exc})") from None
         except (OSError, EOFError) as exc:
             raise OnnxlrError(f"{path} is not a readable .npy file ({exc})") from None
-    yield from _slice_arrays(arrays, str(folder), batch_size)
+    yield from _slice_arrays(arrays, str(folder), batch_size, whole)
 
 
 # ------------------------------------------------------------------------------------------ helpers

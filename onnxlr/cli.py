@@ -1,28 +1,34 @@
 """The ``onnxlr`` command line.
 
 Exit codes: 0 success; 1 the result failed the ``--max-error`` tolerance (nothing is written);
-2 user error (one line on stderr, no traceback).
+2 user error (one line on stderr, no traceback); 3 an internal error — a bug in onnxlr: one line on
+stderr naming the file that holds the traceback (``--debug`` prints it).
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
+import functools
+import tempfile
+import time
+import traceback
 import json
 import os
 import sys
 from pathlib import Path
 
-from onnxlr import api, io, linalg
-from onnxlr.executors import EXECUTORS
+from onnxlr import api, io, linalg, progress, tune_command
 from onnxlr.errors import OnnxlrError
+from onnxlr.executors import EXECUTORS
+from onnxlr.factorization import METHODS
+from onnxlr.feeds import parse_dims, sample_inputs
 from onnxlr.passes.factorize_conv import DECOMPOSITIONS
-from onnxlr.passes.factorize_matmul import METHODS
-from onnxlr.recipes import RECIPES
-from onnxlr.runtimes.feeds import parse_dims
+from onnxlr.planning.options import (ALLOCATORS, DEFAULT_CHAIN_ERROR, DEFAULT_CONV_RATIO, DEFAULT_RANK_RATIO,
+                                     OptimizeOptions, ValidationOptions, optimize_options)
+from onnxlr.planning.recipes import RECIPES
 from onnxlr.runtimes.runner import batches
 
-EXIT_OK, EXIT_TOLERANCE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_TOLERANCE, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,13 +64,16 @@ def _add_validation_options(p: argparse.ArgumentParser) -> None:
                    help="also validate through this command prefix of a Python with onnxruntime and "
                         "numpy: a venv's bin/python (e.g. holding onnxruntime-openvino), 'ssh user@board', "
                         "'adb shell' (repeatable)")
-    p.add_argument("--inputs", metavar="NPZ", help="sample inputs: .npz keyed by input name "
-                   "(default: synthetic inputs from the model's input types)")
+    p.add_argument("--inputs", metavar="NPZ", help="held-out sample inputs: .npz keyed by input name, samples "
+                   "on axis 0, 0-d arrays for scalar inputs (default: the --calib data, else synthetic inputs)")
     p.add_argument("--dim", action="append", metavar="NAME=VALUE",
-                   help="value of a symbolic input dimension for synthetic inputs (repeatable)")
+                   help="size of a symbolic dimension (batch=8), or of an input's unnamed axis (input:1=512), "
+                        "for synthetic inputs and timing (repeatable)")
     p.add_argument("--max-error", metavar="[METRIC=]VALUE",
-                   help="tolerance on every output: rel_l2 (default metric), max_abs, or cosine (worst "
-                        "sample, at least VALUE); exit 1 if it fails")
+                   help="tolerance every output must meet: rel_l2=V (default metric), max_abs=V, cosine=V "
+                        "(worst sample, at least V), kl=V (KL of the softmax, last axis) or top1=V (argmax "
+                        "agreement, at least V); integer outputs are held to exact agreement; exit 1 and "
+                        "nothing written if it fails")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per run when comparing/timing")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per model and provider")
@@ -78,14 +87,16 @@ def _add_rank_options(p: argparse.ArgumentParser) -> None:
                    help="which passes run (default lowrank; `onnxlr recipes` lists them); the rank options "
                         "below apply to the recipes that factorize")
     p.add_argument("--calib", metavar="NPZ|DIR",
-                   help="calibration samples (.npz keyed by input name, or a folder of .npz/.npy files); "
-                        "data-aware methods fit each layer's output on them")
+                   help="calibration samples (.npz keyed by input name, samples on axis 0, 0-d arrays for "
+                        "scalar inputs; or a folder of .npz/.npy files); data-aware methods fit each layer's "
+                        "output on them")
     p.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
     p.add_argument("--method", choices=METHODS,
                    help="factorization method (default: whitened with --calib, svd without)")
     rule = p.add_mutually_exclusive_group()
     rule.add_argument("--rank-ratio", type=_ratio, metavar="R",
-                      help=f"keep ceil(R*min(k,n)) singular values per layer (default {api.DEFAULT_RANK_RATIO})")
+                      help=f"keep ceil(R*min(k,n)) singular values per layer, convs included unless "
+                           f"--conv-ratio is given (default {DEFAULT_RANK_RATIO}; 1.0 with --force: exact rewrites)")
     rule.add_argument("--energy", type=_ratio, metavar="E",
                       help="keep the smallest rank holding share E of each layer's squared spectrum")
     rule.add_argument("--target", metavar="params=F|macs=F|bytes=SIZE|latency=F|lossless",
@@ -95,7 +106,7 @@ def _add_rank_options(p: argparse.ArgumentParser) -> None:
                            "allocated across layers by --allocator (some layers may stay dense); lossless: "
                            "the smallest parameter share that still meets --max-error on the --calib data "
                            "(bisection), confirmed on --inputs")
-    p.add_argument("--allocator", choices=api.rank_search.ALLOCATORS, default="auto",
+    p.add_argument("--allocator", choices=ALLOCATORS, default="auto",
                    help="how --target spreads its budget: uniform, greedy (one threshold on end-to-end "
                         "sensitivity curves), knapsack (least summed end-to-end error), evolutionary "
                         "(EvoPress-style search scored end to end on --calib), auto (default: the best of "
@@ -106,26 +117,13 @@ def _add_rank_options(p: argparse.ArgumentParser) -> None:
                         "give it (one calibration pass per stage of layers; slower)")
     p.add_argument("--rank", action="append", metavar="LAYER=R",
                    help="rank for one layer (node or weight name), 0 to keep it dense; repeatable; overrides the rule")
-    p.add_argument("--conv", choices=("auto", *DECOMPOSITIONS, "none"), default="auto",
-                   help="Conv factorization: auto (per layer, the decomposition with the lowest calibrated "
-                        "error), channel, spatial, tucker2, or none (default auto)")
-    p.add_argument("--conv-ratio", type=_ratio, metavar="F",
-                   help=f"share of each conv's parameters its replacement may keep (default {api.DEFAULT_CONV_RATIO})")
-    p.add_argument("--rank-multiple", type=int, default=8, metavar="N",
-                   help="round conv ranks down to a multiple of N (default 8; 1 = no rounding)")
-    p.add_argument("--conv-max-error", type=float, metavar="E",
-                   help="leave a conv dense when its best decomposition's relative output error on the "
-                        "calibration data exceeds E")
-    p.add_argument("--latency-guard", action="store_true",
-                   help="keep a conv rewrite only if ONNX Runtime runs it faster at the layer's input shape "
-                        "(measured on the first provider, cached on disk)")
     p.add_argument("--embeddings", action="store_true",
                    help="also factorize embedding tables (Gather on a constant table), weighted by "
                         "token frequency in --calib")
-    p.add_argument("--chains", type=_ratio, nargs="?", const=api.DEFAULT_CHAIN_ERROR, metavar="E",
+    p.add_argument("--chains", type=_ratio, nargs="?", const=DEFAULT_CHAIN_ERROR, metavar="E",
                    help="compose chains of linear layers (MatMul/Gemm/1x1 Conv with only biases, scales, "
                         "reshapes and transposes between) into one map at the width its calibrated rank needs, "
-                        f"each within relative output error E (default {api.DEFAULT_CHAIN_ERROR:g}; 0: exact rank); "
+                        f"each within relative output error E (default {DEFAULT_CHAIN_ERROR:g}; 0: exact rank); "
                         "after factorization, before quantization")
     p.add_argument("--force", action="store_true",
                    help="factorize even when the rank would not save parameters")
@@ -140,15 +138,36 @@ def _add_rank_options(p: argparse.ArgumentParser) -> None:
                         "Ray instance; pip install 'onnxlr[ray]')")
 
 
+def _add_conv_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--conv", choices=("auto", *DECOMPOSITIONS, "none"), default="auto",
+                   help="Conv factorization: auto (per layer, the decomposition with the lowest calibrated "
+                        "error), channel, spatial, tucker2, or none (default auto)")
+    p.add_argument("--conv-ratio", type=_ratio, metavar="F",
+                   help=f"share of each conv's parameters its replacement may keep (default {DEFAULT_CONV_RATIO})")
+    p.add_argument("--rank-multiple", type=int, default=8, metavar="N",
+                   help="round conv ranks down to a multiple of N (default 8; 1 = no rounding)")
+    p.add_argument("--conv-max-error", type=float, metavar="E",
+                   help="leave a conv dense when its best decomposition's relative output error on the "
+                        "calibration data exceeds E")
+    p.add_argument("--latency-guard", action="store_true",
+                   help="keep a conv rewrite only if ONNX Runtime runs it faster at the layer's input shape "
+                        "(measured on the first provider, cached on disk)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxlr", description="Make ONNX models smaller and faster with low-rank "
                      "factorization, quantization and pruning, validated with ONNX Runtime.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or phase lines on stderr")
+    common.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common])
 
     p = sub.add_parser("optimize", help="compress a model (a recipe of passes) and validate the result")
     p.add_argument("model", help="input .onnx model (never modified)")
     p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
     _add_rank_options(p)
+    _add_conv_options(p)
     _add_validation_options(p)
     p.add_argument("--external-data", action="store_true",
                    help="store weights in OUTPUT.data (automatic above 2 GB)")
@@ -170,21 +189,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="list factorizable layers with their shapes and spectra")
     p.add_argument("model")
-    p.add_argument("--dim", action="append", metavar="NAME=VALUE", help="symbolic dimension value for MACs")
+    p.add_argument("--dim", action="append", metavar="NAME=VALUE",
+                   help="size of a symbolic dimension (batch=8) or of an input's axis (input:1=512), for MACs")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    tune_command.add_parser(sub)
 
     p = sub.add_parser("demo", help="build the MiniLM reference model offline, optimize it, print the report")
     p.add_argument("--cache-dir", default=os.environ.get("ONNXLR_CACHE", str(Path.home() / ".cache" / "onnxlr")),
                    help="where reference models and data are built and kept (env ONNXLR_CACHE)")
     _add_rank_options(p)
+    _add_conv_options(p)
     p.add_argument("--providers", default="cpu")
     return parser
 
 
-def _validation_kwargs(args) -> dict:
+def _validation(args) -> dict:
+    """The validation flags as keywords of :class:`~onnxlr.planning.options.ValidationOptions`."""
     return dict(providers=args.providers, devices=args.device or (), inputs=args.inputs, dims=parse_dims(args.dim),
-                max_error=args.max_error, threads=args.threads, batch_size=args.batch_size,
-                repeats=args.repeats)
+                max_error=args.max_error, batch_size=args.batch_size, repeats=args.repeats)
+
+
+def _options(args, **given) -> OptimizeOptions:
+    """The run the flags describe (``given`` overrides: the demo's data and validation)."""
+    keywords = dict(
+        calib=args.calib, calib_samples=args.calib_samples, chains=args.chains, method=args.method,
+        rank_ratio=args.rank_ratio, energy=args.energy, target=args.target, allocator=args.allocator, seed=args.seed,
+        sequential=args.sequential, ranks=_parse_ranks(args.rank), force=args.force, embeddings=args.embeddings,
+        svd_solver=args.svd_solver, conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
+        conv_max_error=args.conv_max_error, latency_guard=args.latency_guard, workers=args.workers,
+        executor=args.executor, threads=getattr(args, "threads", None))
+    if hasattr(args, "inputs"):
+        keywords.update(_validation(args), validate=not args.no_validate)
+    return optimize_options(args.recipe, **{**keywords, **given})
 
 
 def _check_report_path(args) -> None:
@@ -197,69 +234,45 @@ def _check_report_path(args) -> None:
                 raise OnnxlrError(f"cannot write the {what}: folder {folder} does not exist or is not writable")
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise OnnxlrError(f"no space left on the device holding {Path(path).parent}; {path} not written") from None
-        raise OnnxlrError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
 def _emit(report, args) -> None:
     print(report.format())
     if getattr(args, "report", None):
-        _write_atomic(args.report, report.to_json())
+        io.write_atomic(args.report, report.to_json())
     if getattr(args, "html", None):
         from onnxlr import html_report
 
-        _write_atomic(args.html, html_report.render(report.to_dict()))
+        io.write_atomic(args.html, html_report.render(report.to_dict()))
     if report.tolerance is not None and not any(p.available for p in report.validation.providers):
         raise OnnxlrError("none of the requested providers is in this onnxruntime build, "
                           "so --max-error could not be checked")
 
 
 def cmd_optimize(args) -> int:
-    api.check_output_path(args.output, args.model)  # the input or its external data, before the slow work
-    for name in ("threads", "batch_size", "repeats", "rank_multiple"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise OnnxlrError(f"--{name.replace('_', '-')} must be at least 1")
+    io.check_output_path(args.output, args.model)  # the input or its external data, before the slow work
     if args.no_validate and args.max_error is not None:
         raise OnnxlrError("--max-error needs validation; drop --no-validate")
+    options = _options(args)
     _check_report_path(args)
     io.check_writable_folder(args.output)  # before the slow work, not after it
-    if args.calib_samples is not None and args.calib_samples < 1:
-        raise OnnxlrError("--calib-samples must be at least 1")
-    optimized, report = api.optimize(
-        args.model, recipe=args.recipe, calib=args.calib, calib_samples=args.calib_samples, method=args.method,
-        rank_ratio=args.rank_ratio, energy=args.energy, target=args.target, sequential=args.sequential,
-        allocator=args.allocator, seed=args.seed, conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
-        conv_max_error=args.conv_max_error, latency_guard=args.latency_guard,
-        ranks=_parse_ranks(args.rank),
-        force=args.force, embeddings=args.embeddings, chains=args.chains, validate=not args.no_validate,
-        svd_solver=args.svd_solver,
-        workers=args.workers, executor=args.executor, **_validation_kwargs(args))
+    optimized, report = api.optimize(args.model, options=options)
     if report.passed is False:
         _emit(report, args)
         print(f"onnxlr: result fails the tolerance ({report.tolerance}); {args.output} not written",
               file=sys.stderr)
         return EXIT_TOLERANCE
     api.write(optimized, args.output, source=args.model, external_data=args.external_data or None)
-    report.optimized.path = args.output
-    report.written = True
+    ort_format = None
     if args.ort:
         from onnxlr.runtimes.mobile import convert_to_ort
 
-        feeds, _ = api.sample_inputs(optimized, args.inputs, parse_dims(args.dim))
+        feeds, _ = sample_inputs(optimized, args.inputs, parse_dims(args.dim))
         first = next(batches(feeds, args.batch_size))
-        report.ort_format = convert_to_ort(args.output, Path(args.output).with_suffix(".ort"), feeds=first)
+        ort_format = convert_to_ort(args.output, Path(args.output).with_suffix(".ort"), feeds=first)
+    report = report.written_to(args.output, ort_format)
     _emit(report, args)
-    print(f"\nwrote {args.output}" + (f" and {report.ort_format.path}" if report.ort_format and report.ort_format.ok else ""))
-    if report.ort_format and not report.ort_format.ok:
-        print(f"onnxlr: the .ort conversion failed ({report.ort_format.reason}); only {args.output} written",
+    print(f"\nwrote {args.output}" + (f" and {ort_format.path}" if ort_format and ort_format.ok else ""))
+    if ort_format and not ort_format.ok:
+        print(f"onnxlr: the .ort conversion failed ({ort_format.reason}); only {args.output} written",
               file=sys.stderr)
         return EXIT_TOLERANCE
     return EXIT_OK
@@ -267,7 +280,8 @@ def cmd_optimize(args) -> int:
 
 def cmd_validate(args) -> int:
     _check_report_path(args)
-    report = api.validate(args.original, args.optimized, **_validation_kwargs(args))
+    report = api.validate(args.original, args.optimized, options=ValidationOptions(**_validation(args)),
+                          threads=args.threads)
     _emit(report, args)
     return EXIT_TOLERANCE if report.passed is False else EXIT_OK
 
@@ -277,7 +291,8 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(layers, indent=2))
         return EXIT_OK
-    print(f"{'node':<40} {'op':<6} {'weight shape':>14} {'params':>10} {'MACs':>14} {'break-even':>10}  energy at rank")
+    print(f"{'node':<40} {'op':<6} {'weight shape':>14} {'params':>10} {'MACs':>14} {'break-even':>10} "
+          f"{'r@90%':>6} {'r@99%':>6}  energy at rank")
     for layer in layers:
         if not layer["factorizable"]:
             print(f"{layer['node']:<40} {layer['op']:<6} not factorizable: {layer['reason']}")
@@ -285,8 +300,9 @@ def cmd_inspect(args) -> int:
         shape = "x".join(str(d) for d in layer["shape"])
         macs = f"{layer['macs']:,}" if layer["macs"] else f"{layer['macs_per_row']:,}/row"
         energy = "  ".join(f"r={r}:{e:.3f}" for r, e in layer["energy_at_rank"].items())
+        at = layer["rank_for_energy"]
         print(f"{layer['node']:<40} {layer['op']:<6} {shape:>14} {layer['params']:>10,} {macs:>14} "
-              f"{layer['break_even_rank']:>10}  {energy}")
+              f"{layer['break_even_rank']:>10} {at[0.9]:>6} {at[0.99]:>6}  {energy}")
     return EXIT_OK
 
 
@@ -308,17 +324,10 @@ def cmd_demo(args) -> int:
     calib_npz, eval_npz = text.build_splits(cache)
     output = cache / "minilm.small.onnx"
     # Calibrated on 256 sentences, validated on 512 others: the two sets are disjoint.
-    optimized, report = api.optimize(
-        model_path, recipe=args.recipe, calib=args.calib or calib_npz, calib_samples=args.calib_samples, method=args.method,
-        rank_ratio=args.rank_ratio, energy=args.energy, target=args.target, sequential=args.sequential,
-        allocator=args.allocator, seed=args.seed, conv=args.conv, conv_ratio=args.conv_ratio, rank_multiple=args.rank_multiple,
-        conv_max_error=args.conv_max_error, latency_guard=args.latency_guard,
-        ranks=_parse_ranks(args.rank),
-        force=args.force, embeddings=args.embeddings, chains=args.chains, providers=args.providers, inputs=eval_npz,
-        svd_solver=args.svd_solver, workers=args.workers, executor=args.executor)
+    options = _options(args, calib=args.calib or calib_npz, providers=args.providers, inputs=eval_npz)
+    optimized, report = api.optimize(model_path, options=options)
     api.write(optimized, output, source=model_path)
-    report.optimized.path = str(output)
-    print(report.format())
+    print(report.written_to(output).format())
     print(f"\nwrote {output}")
     return EXIT_OK
 
@@ -340,12 +349,14 @@ def cmd_providers(args) -> int:
 
 
 COMMANDS = {"optimize": cmd_optimize, "providers": cmd_providers, "validate": cmd_validate, "inspect": cmd_inspect, "recipes": cmd_recipes,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "tune": tune_command.cmd_tune}
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
+        progress.configure(not args.quiet)
         return COMMANDS[args.command](args)
     except OnnxlrError as exc:
         print(f"onnxlr: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
@@ -353,6 +364,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxlr: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug in onnxlr, not in the user's input
+        return _internal_error(exc, debug=getattr(args, "debug", False))
+
+
+def _internal_error(exc: Exception, *, debug: bool) -> int:
+    """One line on stderr saying this is a bug, the traceback in a file (and on stderr with --debug)."""
+    text = traceback.format_exc()
+    where = Path(tempfile.gettempdir()) / f"onnxlr-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    try:
+        where.write_text(text, encoding="utf-8")
+        kept = f"the traceback is in {where}"
+    except OSError:
+        kept = "the traceback could not be saved; run again with --debug"
+    if debug:
+        print(text, file=sys.stderr, end="")
+    message = " ".join(str(exc).split())[:300]
+    print(f"onnxlr: internal error, a bug in onnxlr (please report it): {type(exc).__name__}: {message}; {kept}",
+          file=sys.stderr)
+    return EXIT_BUG
 
 
 if __name__ == "__main__":

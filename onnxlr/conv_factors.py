@@ -24,6 +24,9 @@ al. 2014 and AIMET (spatial SVD), Zhang et al. 2016 (channel / "weight" SVD), Ki
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
 from onnxlr import linalg
@@ -201,3 +204,125 @@ def im2col(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pad
     tap_axes = tuple(range(2 + d, 2 + 2 * d))
     rows = windows.transpose(0, *out_axes, 1, *tap_axes)
     return rows.reshape(-1, c * int(np.prod(kernel)))
+
+
+# ------------------------------------------------------------------------------ candidates of a layer
+
+
+@dataclass
+class Candidate:
+    """One way to replace a conv: the new weights (in conv order), their ranks, params and error."""
+
+    decomposition: str
+    ranks: tuple[int, ...]
+    weights: tuple[np.ndarray, ...]
+    params: int
+    error: float = math.nan
+
+
+def _round(r: float, multiple: int, cap: int) -> int:
+    """Rank ``r`` rounded down to a multiple of ``multiple`` — unless that gives up more than 10% of
+    it (small layers: rank 15 would become 8), then ``r`` itself."""
+    r = max(1, int(min(math.floor(r), cap)))
+    aligned = r - r % multiple
+    return aligned if aligned >= 0.9 * r else r
+
+
+def candidates(W: np.ndarray, decompositions, budget: float | None, override: int | None, multiple: int,
+               patch_gram: np.ndarray | None, rank_ratio: float | None = None) -> list[Candidate]:
+    """Every requested decomposition at the largest rank within ``budget`` parameters, or with
+    ``rank_ratio`` at that share of each decomposition's full rank (1: exact), or at ``override``."""
+    cout, cin = W.shape[:2]
+    K = kernel_size(W)
+    if rank_ratio is not None and not override:
+        return _at_rank_ratio(W, decompositions, rank_ratio, patch_gram)
+    out = []
+    for kind in decompositions:
+        if kind == "spatial" and W.ndim != 4:
+            continue
+        if kind == "channel":
+            r = override or _round(budget / (cin * K + cout), multiple, min(cin * K, cout))
+            r = min(r, cin * K, cout)
+            M = channel_matrix(W)
+            A, B = _factor(M, r, patch_gram)
+            out.append(Candidate(kind, (r,), channel_weights(A, B, W.shape[2:]), channel_params(cin, cout, K, r)))
+        elif kind == "spatial":
+            kh, kw = W.shape[2:]
+            r = override or _round(budget / (cin * kh + cout * kw), multiple, min(cin * kh, cout * kw))
+            r = min(r, cin * kh, cout * kw)
+            gram = None if patch_gram is None else vertical_gram(patch_gram, cin, kh, kw)
+            A, B = _factor(spatial_matrix(W), r, gram)
+            if patch_gram is not None:  # the vertical Gram is an approximation: refit B exactly
+                B = spatial_refit(W, A, patch_gram)
+            out.append(Candidate(kind, (r,), spatial_weights(A, B, cin, cout, kh, kw),
+                                 spatial_params(cin, cout, kh, kw, r)))
+        else:
+            if override:
+                r_in, r_out = override, override
+            else:
+                # ranks in proportion to the channel counts: cin*a*cin + a*a*cin*cout*K + a*cout*cout = budget
+                a_q, b_q = cin * cout * K, cin * cin + cout * cout
+                a = (-b_q + math.sqrt(b_q * b_q + 4 * a_q * budget)) / (2 * a_q)
+                r_in, r_out = _round(a * cin, multiple, cin), _round(a * cout, multiple, cout)
+            # a mode's rank cannot exceed the other side's size (the unfolding's smaller dimension)
+            r_in = min(r_in, cin, cout * K)
+            r_out = min(r_out, cout, r_in * K)
+            weights = tucker2(W, r_in, r_out, patch_gram)
+            out.append(Candidate(kind, (r_in, r_out), weights, tucker2_params(cin, cout, K, r_in, r_out)))
+    for c in out:
+        c.error = conv_error(W, compose(c), patch_gram)
+    return out
+
+
+def _at_rank_ratio(W: np.ndarray, decompositions, ratio: float, patch_gram: np.ndarray | None) -> list[Candidate]:
+    """Each decomposition at ⌈ratio × its full rank⌉: channel min(Cin·K, Cout), spatial min(Cin·kh,
+    Cout·kw), Tucker-2 (Cin, Cout) — the rank rule of MatMul layers, for convs."""
+    cout, cin = W.shape[:2]
+    K = kernel_size(W)
+    if ratio >= 1 and "channel" in decompositions:
+        decompositions = ["channel"]  # at full rank every decomposition is exact: one SVD is enough
+    out = []
+    for kind in decompositions:
+        if kind == "channel":
+            out += candidates(W, [kind], None, math.ceil(ratio * min(cin * K, cout)), 1, patch_gram)
+        elif kind == "spatial" and W.ndim == 4:
+            kh, kw = W.shape[2:]
+            out += candidates(W, [kind], None, math.ceil(ratio * min(cin * kh, cout * kw)), 1, patch_gram)
+        elif kind == "tucker2":
+            r_in, r_out = min(math.ceil(ratio * cin), cin, cout * K), math.ceil(ratio * cout)
+            r_out = min(r_out, cout, r_in * K)
+            c = Candidate(kind, (r_in, r_out), tucker2(W, r_in, r_out, patch_gram), tucker2_params(cin, cout, K, r_in, r_out))
+            c.error = conv_error(W, compose(c), patch_gram)
+            out.append(c)
+    return out
+
+
+def _factor(M: np.ndarray, r: int, gram: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    if gram is None:
+        return linalg.truncated_svd(M, r)
+    return linalg.whitened_svd(M, gram, r)
+
+
+def compose(c: Candidate) -> np.ndarray:
+    """The dense (Cout, Cin, *kernel) weight the candidate computes (for its error)."""
+    if c.decomposition == "channel":
+        first, second = c.weights  # (r, Cin, *k), (Cout, r, 1…)
+        return np.tensordot(second.reshape(second.shape[:2]), first, axes=([1], [0]))
+    if c.decomposition == "spatial":
+        first, second = c.weights  # (r, Cin, kh, 1), (Cout, r, 1, kw)
+        return np.einsum("rci,orj->ocij", first[..., 0], second[:, :, 0, :], optimize=True)
+    first, core, last = c.weights  # (r_in, Cin, 1…), (r_out, r_in, *k), (Cout, r_out, 1…)
+    inner = np.tensordot(core, first.reshape(first.shape[:2]), axes=([1], [0]))  # (r_out, *k, Cin)
+    inner = np.moveaxis(inner, -1, 1)  # (r_out, Cin, *k)
+    return np.tensordot(last.reshape(last.shape[:2]), inner, axes=([1], [0]))
+
+
+def conv_error(W: np.ndarray, W_new: np.ndarray, patch_gram: np.ndarray | None) -> float:
+    """Relative output error on the calibration patches, or relative weight error without them."""
+    M, M_new = channel_matrix(W).astype(np.float64), channel_matrix(W_new).astype(np.float64)
+    E = M - M_new
+    if patch_gram is None:
+        return float(np.linalg.norm(E) / max(np.linalg.norm(M), 1e-300))
+    num = max(float(np.sum(E * (patch_gram @ E))), 0.0)
+    den = float(np.sum(M * (patch_gram @ M)))
+    return math.sqrt(num / den) if den > 0 else 0.0

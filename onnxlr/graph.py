@@ -22,8 +22,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.logger import G_LOGGER
 
-from onnxlr.io import external_extent
+# onnx-graphsurgeon logs to stdout ("colored module is not installed", "Could not convert: UNDEFINED"
+# for a sequence or map output, "distinct Nodes share the same name"): onnxlr says what matters itself.
+G_LOGGER.severity = G_LOGGER.ERROR
+
+from onnxlr.external_data import external_extent
 
 
 class MappedValues(LazyValues):
@@ -119,13 +124,18 @@ def make_constant(graph: gs.Graph, name: str, values: np.ndarray, taken: set[str
 
 
 def hoist_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a copy of ``model`` whose top-level tensor-valued ``Constant`` nodes are initializers.
+    """Return a copy of ``model`` whose tensor-valued ``Constant`` nodes are initializers — of the graph
+    or subgraph (If branch, Loop or Scan body) that holds them.
 
     The two forms compute the same thing; initializers are what weight-rewriting passes look for.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    graph = out.graph
+    _hoist(out.graph)
+    return out
+
+
+def _hoist(graph: onnx.GraphProto) -> None:
     kept = []
     for node in graph.node:
         value = next((a for a in node.attribute if a.name == "value"), None)
@@ -134,11 +144,13 @@ def hoist_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
             tensor.CopyFrom(value.t)
             tensor.name = node.output[0]
             graph.initializer.append(tensor)
-        else:
-            kept.append(node)
+            continue
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _hoist(sub)
+        kept.append(node)
     del graph.node[:]
     graph.node.extend(kept)
-    return out
 
 
 def overridable_initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -178,6 +190,8 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         if source is not None:
             tensor._values = MappedValues(source)
     model = gs.export_onnx(graph)
+    _keep_value_types(model.graph, template.graph)
+    _share_subgraph_initializers(model.graph)
     model.ir_version = template.ir_version
     model.model_version = template.model_version
     model.domain = template.domain
@@ -196,6 +210,48 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
             onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
             for t in model.graph.initializer if t.name not in listed)
     return model
+
+
+def _share_subgraph_initializers(graph: onnx.GraphProto) -> None:
+    """onnx-graphsurgeon exports a weight read only inside subgraphs as an initializer of each subgraph
+    that reads it: a weight read by two branches would be stored twice (Silero VAD grew by half). Such a
+    weight is stored once, in the main graph, which every subgraph reads through its outer scope."""
+    where: dict[str, list[onnx.GraphProto]] = {}
+
+    def walk(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    for tensor in sub.initializer:
+                        where.setdefault(tensor.name, []).append(sub)
+                    walk(sub)
+
+    walk(graph)
+    top = {t.name: t for t in graph.initializer}
+    for name, holders in where.items():
+        if len(holders) < 2 and name not in top:
+            continue
+        copies = [next(t for t in h.initializer if t.name == name) for h in holders] + \
+            ([top[name]] if name in top else [])
+        if any(c.SerializeToString() != copies[0].SerializeToString() for c in copies[1:]):
+            continue  # one name, different tensors in different scopes: each keeps its own
+        if name not in top:
+            graph.initializer.append(copies[0])
+        for holder in holders:
+            kept = [t for t in holder.initializer if t.name != name]
+            del holder.initializer[:]
+            holder.initializer.extend(kept)
+
+
+def _keep_value_types(graph: onnx.GraphProto, template: onnx.GraphProto) -> None:
+    """Give graph inputs and outputs that are not tensors (a sequence of maps from a ZipMap, an optional…)
+    their type from ``template``: onnx-graphsurgeon keeps only tensor element types and would export
+    them as tensors of an undefined type."""
+    kinds = {value.name: value.type for value in [*template.input, *template.output]
+             if not value.type.HasField("tensor_type")}
+    for value in [*graph.input, *graph.output]:
+        if value.name in kinds:
+            value.type.CopyFrom(kinds[value.name])
 
 
 def truncated(graph: gs.Graph, outputs: Mapping[str, np.dtype], template: onnx.ModelProto) -> onnx.ModelProto:
@@ -227,10 +283,21 @@ def consumer_counts(graph: gs.Graph) -> Counter:
     return counts
 
 
+def subgraphs(graph: gs.Graph):
+    """``graph`` and every subgraph in it (If branches, Loop and Scan bodies), at any depth, outermost
+    first. Tensors are shared objects across scopes: an outer-scope weight read in a branch is the same
+    ``gs.Constant``, and its ``outputs`` list every reader in every scope."""
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, gs.Graph):
+                    yield from subgraphs(sub)
+
+
 def subgraph_nodes(graph: gs.Graph):
     """``(node, owner)`` for every node inside a subgraph of ``graph`` (If branches, Loop and Scan
-    bodies, at any depth); ``owner`` is the node of ``graph`` that holds it. The passes rewrite the
-    top-level graph only: these nodes are reported, and what they read from the outer scope is kept."""
+    bodies, at any depth); ``owner`` is the node of ``graph`` that holds it."""
     def walk(node):
         for value in node.attrs.values():
             for sub in value if isinstance(value, (list, tuple)) else [value]:
@@ -244,29 +311,17 @@ def subgraph_nodes(graph: gs.Graph):
             yield inner, owner
 
 
-def subgraph_readers(graph: gs.Graph) -> dict[str, gs.Node]:
-    """Tensor name -> the top-level node whose subgraph reads it (outer-scope references among them)."""
-    readers: dict[str, gs.Node] = {}
-    for inner, owner in subgraph_nodes(graph):
-        for tensor in inner.inputs:
-            readers.setdefault(tensor.name, owner)
-    return readers
-
-
 def in_subgraph_reason(inner: gs.Node, owner: gs.Node) -> str:
-    return (f"inside a subgraph of {owner.op} node {owner.name!r}: layers in If/Loop/Scan subgraphs are not "
-            f"rewritten")
-
-
-def read_in_subgraph_reason(name: str, owner: gs.Node) -> str:
-    return (f"weight {name!r} is also read inside a subgraph of {owner.op} node {owner.name!r}; factorizing "
-            f"would keep the dense copy")
+    return (f"inside a subgraph of {owner.op} node {owner.name!r}: this pass rewrites the top-level graph "
+            "only")
 
 
 def unique_name(graph: gs.Graph, base: str, also=()) -> str:
-    """``base``, or ``base_1``, ``base_2``… — the first name no tensor or node in ``graph`` uses (nor
-    any of ``also``)."""
-    taken = set(graph.tensors().keys()) | {node.name for node in graph.nodes} | set(also)
+    """``base``, or ``base_1``, ``base_2``… — the first name no tensor or node in ``graph`` or its
+    subgraphs uses (nor any of ``also``): pass the top-level graph, whose scopes all share names."""
+    taken = set(also)
+    for g in subgraphs(graph):
+        taken |= set(g.tensors().keys()) | {node.name for node in g.nodes}
     name, i = base, 0
     while name in taken:
         i += 1
@@ -275,14 +330,18 @@ def unique_name(graph: gs.Graph, base: str, also=()) -> str:
 
 
 def count_parameters(model: onnx.ModelProto) -> int:
-    """Number of scalar weights in the model's initializers and Constant nodes (top-level graph)."""
-    total = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
+    """Number of scalar weights in the model's initializers and Constant nodes, those of If/Loop/Scan
+    subgraphs included."""
+    def count(graph: onnx.GraphProto) -> int:
+        total = sum(int(np.prod(t.dims)) for t in graph.initializer)
+        for node in graph.node:
             for attr in node.attribute:
-                if attr.name == "value":
+                if node.op_type == "Constant" and attr.name == "value":
                     total += int(np.prod(attr.t.dims))
-    return total
+                total += sum(count(g) for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs))
+        return total
+
+    return count(model.graph)
 
 
 
@@ -316,11 +375,12 @@ def add_low_rank_branch(graph: gs.Graph, Y: gs.Variable, X: gs.Tensor, A: np.nda
 
 
 
-def add_after(graph: gs.Graph, node: gs.Node, bias: np.ndarray, name: str) -> None:
-    """Make ``node``'s first output read ``node(x) + bias``: a new Add takes over the output tensor."""
+def add_after(graph: gs.Graph, node: gs.Node, bias: np.ndarray, name: str, owner: gs.Graph | None = None) -> None:
+    """Make ``node``'s first output read ``node(x) + bias``: a new Add takes over the output tensor.
+    ``owner``: the (sub)graph holding ``node``, if not ``graph`` (names are made unique in ``graph``)."""
     out = node.outputs[0]
     pre = gs.Variable(unique_name(graph, f"{name}_pre_bias"), dtype=out.dtype)
     node.outputs[0] = pre
     constant = gs.Constant(unique_name(graph, f"{name}_bias"), bias)
-    graph.nodes.append(gs.Node("Add", name=unique_name(graph, f"{name}_bias_add"), inputs=[pre, constant],
-                               outputs=[out]))
+    (owner or graph).nodes.append(gs.Node("Add", name=unique_name(graph, f"{name}_bias_add"), inputs=[pre, constant],
+                                          outputs=[out]))

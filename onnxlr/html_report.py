@@ -11,6 +11,8 @@ import html
 import io
 import re
 
+from onnxlr.report import ALARMS
+
 
 ORIGINAL, OPTIMIZED, ACCENT = "#a3acb9", "#2f6db5", "#d9822b"
 RC = {"svg.fonttype": "path", "svg.hashsalt": "onnxlr", "font.size": 9, "axes.titlesize": 10,
@@ -37,6 +39,9 @@ table { border-collapse: collapse; width: 100%; background: #fff; border: 1px so
 th, td { padding: 5px 8px; border-bottom: 1px solid #e4e7eb; text-align: left; vertical-align: top; }
 th { background: #f0f2f5; font-weight: 600; } td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
 ul { margin: 4px 0; padding-left: 20px; } code { font-size: 12px; word-break: break-all; }
+td.alarm { background: #ffe3e3; color: #c92a2a; font-weight: 600; }
+#alarms { background: #fff5f5; border: 1px solid #ffa8a8; border-radius: 8px; padding: 4px 14px; }
+#alarms h2 { color: #c92a2a; margin-top: 10px; }
 """
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -60,8 +65,9 @@ def render(report: dict) -> str:
     # small plots two by two; the per-layer ones of a model with many layers at full width
     few = len(_layer_rows(report)) <= 8 and len(_profile_rows(report)[0]) <= 8
     plots = [latency + size, *((layers + kernels,) if few else (layers, kernels))]
-    body = [_summary(report), *(f'<div class="row">{p}</div>' for p in plots if p), _providers(report),
-            _mobile(report), _ort_format(report), _warnings(report), _skipped(report)]
+    body = [_summary(report), _alarms(report), *(f'<div class="row">{p}</div>' for p in plots if p),
+            _providers(report), _mobile(report), _ort_format(report), _warnings(report), _skipped(report),
+            _settings(report)]
     name = (report["optimized"].get("path") or report["original"].get("path") or "model").rsplit("/", 1)[-1]
     return PAGE.format(title=_e(f"onnxlr report: {name}"), css=CSS, body="\n".join(b for b in body if b))
 
@@ -340,23 +346,75 @@ def _providers(report: dict) -> str:
         options = ", ".join(f"{k}={v}" for k, v in p["options"].items())
         who = (f"<td>{_e(p['device'])}</td><td>{_e(p['onnxruntime'])}</td><td>{_e(p['provider'])}"
                + (f" <span class=\"muted\">{_e(options)}</span>" if options else "") + "</td>")
-        if id(p) not in ran:
+        if id(p) not in ran and not p.get("emulated"):
             rows.append(f'<tr>{who}<td colspan="9" class="muted">{_e(p["reason"] or "not run")}</td></tr>')
             continue
         span = f' rowspan="{max(1, len(p["outputs"]))}"'
-        lat = "".join(f'<td class="num"{span}>{_ms(p[k]["median_ms"])} <span class="muted">({_ms(p[k]["p90_ms"])})</span></td>'
-                      for k in ("latency_original", "latency_optimized"))
-        lead = re.sub(r"<td>", f"<td{span}>", who) + lat + f'<td class="num"{span}>{p["speedup"]:.2f}×</td>'
+        if p.get("emulated"):  # outputs compared, nothing timed
+            lat = (f'<td colspan="3" class="muted"{span}>emulated ({_e(p["emulated"])}): not a timing of '
+                   f'the device</td>')
+        else:
+            lat = "".join(f'<td class="num"{span}>{_ms(p[k]["median_ms"])} <span class="muted">({_ms(p[k]["p90_ms"])})</span></td>'
+                          for k in ("latency_original", "latency_optimized"))
+            noise = p.get("speedup_noise")
+            shown = f'{p["speedup"]:.2f}×' + (f' <span class="muted">(±{noise:.0%})</span>' if noise is not None else "")
+            lat += f'<td class="num"{span}>{shown}</td>'
+        lead = re.sub(r"<td>", f"<td{span}>", who) + lat
         for i, c in enumerate(p["outputs"] or [None]):
-            cells = ('<td colspan="5"></td>' if c is None else
-                     f"<td>{_e(c['name'])}</td>" + "".join(f'<td class="num">{c[k]:{f}}</td>' for k, f in
-                     (("max_abs", ".3g"), ("rel_l2", ".3g"), ("cosine", ".5f"), ("cosine_min", ".5f"))))
-            rows.append(f"<tr>{lead if i == 0 else ''}{cells}</tr>")
+            rows.append(f"<tr>{lead if i == 0 else ''}{_output_cells(c)}</tr>")
     head = ["device", "onnxruntime", "provider", "original ms (p90)", "optimized ms (p90)", "speed-up", "output",
             "max abs", "rel L2", "cosine", "worst-sample cosine"]
     batch = ", ".join(f"{_e(k)} {'×'.join(map(str, s))}" for k, s in v["latency_batch"].items())
     return (f'<section><h2>Providers</h2><p class="muted">{v["samples"]:,} samples from <code>{_e(v["inputs"])}</code>, '
             f'{v["threads"]} threads, latency batch {batch}.</p>{_table(head, rows, "providers")}</section>')
+
+
+def _output_cells(c: dict | None) -> str:
+    """An output's agreement cells; a figure past its alarm bound (:data:`onnxlr.report.ALARMS`) is marked."""
+    if c is None:
+        return '<td colspan="5"></td>'
+    if c.get("agreement") is not None:
+        return (f"<td>{_e(c['name'])}</td>" + f'<td class="num{_alarm(c, "agreement")}" colspan="4">'
+                f"{c['agreement']:.4f} of elements equal</td>")
+    cells = "".join(f'<td class="num{_alarm(c, k)}">{_num(c[k], f)}</td>' for k, f in
+                    (("max_abs", ".3g"), ("rel_l2", ".3g"), ("cosine", ".5f"), ("cosine_min", ".5f")))
+    return f"<td>{_e(c['name'])}</td>" + cells
+
+
+def _num(value, form: str) -> str:
+    return "—" if value is None else f"{value:{form}}"
+
+
+def _alarm(c: dict, key: str) -> str:
+    """`` alarm`` when ``c[key]`` is past its bound (for a class attribute), else ""."""
+    if key not in ALARMS or c.get(key) is None:
+        return ""
+    _, bound, side = ALARMS[key]
+    return " alarm" if (c[key] < bound if side == "below" else c[key] > bound) else ""
+
+
+def _alarms(report: dict) -> str:
+    items = report.get("alarms") or []
+    if not items:
+        return ""
+    note = "" if report.get("tolerance") else (
+        '<p class="muted">No --max-error was given: the result was written all the same.</p>')
+    return ('<section id="alarms"><h2>Look before you use this result</h2><ul>'
+            + "".join(f"<li>{_e(a)}</li>" for a in items) + f"</ul>{note}</section>")
+
+
+def _settings(report: dict) -> str:
+    settings = report.get("settings") or {}
+    if not settings:
+        return ""
+    rows = []
+    for group, value in settings.items():
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        for key, item in items:
+            if item in (None, {}, [], "") and key:
+                continue
+            rows.append(f"<tr><td>{_e(group)}</td><td>{_e(key)}</td><td><code>{_e(item)}</code></td></tr>")
+    return '<section><h2>Settings</h2>' + _table(["group", "setting", "value"], rows, "settings") + "</section>"
 
 
 def _mobile(report: dict) -> str:
@@ -397,16 +455,11 @@ def _warnings(report: dict) -> str:
 
 
 def _skipped(report: dict) -> str:
-    rows = []
-    for record in report["passes"]:
-        reasons: dict[str, list[str]] = {}
-        for c in record["layers"]:
-            if c["action"] == "skipped":
-                reasons.setdefault(c["reason"], []).append(c["node"])
-        for reason, nodes in reasons.items():
-            shown = ", ".join(nodes[:8]) + (f" … (+{len(nodes) - 8})" if len(nodes) > 8 else "")
-            rows.append(f'<tr><td>{_e(record["name"])}</td><td>{_e(reason)}</td><td class="num">{len(nodes)}</td>'
-                        f"<td><code>{_e(shown)}</code></td></tr>")
+    """Every layer a pass left alone, with the reason."""
+    rows = [f'<tr><td>{_e(record["name"])}</td><td><code>{_e(c["node"])}</code></td><td>{_e(c["op"])}</td>'
+            f"<td>{_e(c['reason'])}</td></tr>"
+            for record in report["passes"] for c in record["layers"] if c["action"] == "skipped"]
     if not rows:
         return ""
-    return '<section><h2>Skipped layers</h2>' + _table(["pass", "reason", "layers", "nodes"], rows, "skipped") + "</section>"
+    return ('<section><h2>Skipped layers</h2>' + _table(["pass", "node", "op", "reason"], rows, "skipped")
+            + "</section>")

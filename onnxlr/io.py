@@ -22,7 +22,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -31,27 +30,10 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from onnxlr.errors import OnnxlrError
+from onnxlr.external_data import (external_extent, is_mapped, iter_tensors, materialize, tensor_bytes,
+                                  write_external_data)
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # a margin under protobuf's 2 GiB limit
-# Tensors of at least this many bytes go to the data file when external data is written (onnx's
-# default); each starts at a multiple of EXTERNAL_DATA_ALIGNMENT so it can be memory-mapped in place.
-EXTERNAL_SIZE_THRESHOLD = 1024
-EXTERNAL_DATA_ALIGNMENT = 4096
-COPY_CHUNK = 64 * 1024**2
-
-
-def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in ``graph``: initializers and attribute tensors, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from iter_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from iter_tensors(sub)
 
 
 def _check_external_location(tensor: onnx.TensorProto, base_dir: Path) -> None:
@@ -122,6 +104,15 @@ def load_model(path: str | os.PathLike, *, mapped: bool = False) -> onnx.ModelPr
     return model
 
 
+def open_model(model: "str | os.PathLike | onnx.ModelProto", *, mapped: bool = False) -> tuple[onnx.ModelProto, str]:
+    """The model and its path ("" for a ModelProto, checked for versions this onnx reads); ``mapped``: a
+    file with external data stays in its files (:func:`load_model`)."""
+    if isinstance(model, onnx.ModelProto):
+        check_versions(model)
+        return model, ""
+    return load_model(model, mapped=mapped), str(model)
+
+
 def has_external_data(path: str | os.PathLike) -> bool:
     """Whether the model file at ``path`` keeps any tensor in an external data file."""
     try:
@@ -129,23 +120,6 @@ def has_external_data(path: str | os.PathLike) -> bool:
     except (OSError, DecodeError, RuntimeError, ValueError):
         return False  # load_model reports what is wrong with it
     return is_mapped(model)
-
-
-def is_mapped(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` was loaded mapped: some tensor still refers to a data file."""
-    return any(external_data_helper.uses_external_data(t) for t in iter_tensors(model.graph))
-
-
-def external_extent(tensor: onnx.TensorProto) -> tuple[str, int, int]:
-    """``(location, offset, length)`` of an externally stored tensor."""
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    return info["location"], int(info.get("offset", 0)), int(info.get("length", -1))
-
-
-def external_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the model's tensors kept in external data files."""
-    return sum(max(external_extent(t)[2], 0) for t in iter_tensors(model.graph)
-               if external_data_helper.uses_external_data(t))
 
 
 def _check_extent(tensor: onnx.TensorProto, base_dir: Path, path: Path) -> None:
@@ -158,27 +132,6 @@ def _check_extent(tensor: onnx.TensorProto, base_dir: Path, path: Path) -> None:
     if offset < 0 or offset + length > size or length != expected:
         raise OnnxlrError(f"{path}: tensor {tensor.name!r} needs {expected} bytes at offset {offset} of "
                           f"{location}, which holds {size}")
-
-
-def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with the data of mapped tensors (absolute external locations) loaded in."""
-    if not is_mapped(model):
-        return model
-    model = _copy(model)
-    for tensor in iter_tensors(model.graph):
-        if external_data_helper.uses_external_data(tensor):
-            _load_mapped(tensor)
-    return model
-
-
-def _load_mapped(tensor: onnx.TensorProto) -> None:
-    """Read a mapped tensor's bytes into it (it no longer refers to a file)."""
-    location, offset, length = external_extent(tensor)
-    with open(location, "rb") as source:
-        source.seek(offset)
-        tensor.raw_data = source.read(length)
-    del tensor.external_data[:]
-    tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def files_of(path: str | os.PathLike) -> list[Path]:
@@ -237,20 +190,6 @@ def check_versions(model: onnx.ModelProto, label: str = "the model") -> None:
                               f"supports opsets up to {max_opset}")
 
 
-def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes held by the model's tensors (initializers and Constant attributes), in memory or in
-    external data files."""
-    total = 0
-    for tensor in iter_tensors(model.graph):
-        if external_data_helper.uses_external_data(tensor):
-            total += max(external_extent(tensor)[2], 0)
-        elif tensor.HasField("raw_data"):
-            total += len(tensor.raw_data)
-        else:
-            total += tensor.ByteSize()
-    return total
-
-
 def check_model(model: onnx.ModelProto) -> None:
     """Run onnx.checker and strict shape inference; raise ``onnx.checker.ValidationError`` if invalid."""
     onnx.checker.check_model(model)
@@ -291,22 +230,8 @@ def save_model(
     except OSError as exc:
         raise _write_error(path, exc) from None
     try:
-        tmp_model = tmp_dir / path.name
-        if external_data:
-            try:
-                write_external_data(model, tmp_dir / data_name)
-            except OSError as exc:
-                raise _write_error(path, exc) from None
-        try:
-            onnx.save_model(model, str(tmp_model))
-        except OSError as exc:
-            raise _write_error(path, exc) from None
-        if check:
-            if external_data:
-                onnx.checker.check_model(str(tmp_model))
-                onnx.shape_inference.infer_shapes_path(str(tmp_model), check_type=True, strict_mode=True)
-            else:
-                check_model(model)
+        tmp_model = _write_checked(model, tmp_dir / path.name, tmp_dir / data_name if external_data else None,
+                                   check, path)
         # Data file first: the model file only appears once everything it refers to is in place.
         moved_data = None
         try:
@@ -323,51 +248,6 @@ def save_model(
     return path
 
 
-def write_external_data(model: onnx.ModelProto, data_path: Path) -> None:
-    """Move every tensor of at least EXTERNAL_SIZE_THRESHOLD bytes of ``model`` (modified) into
-    ``data_path``, in graph order, each at an aligned offset. Tensors already external (mapped) are
-    copied from their files chunk by chunk, so the model never needs to fit in memory; the bytes
-    written are the same whether a tensor was in memory or mapped."""
-    with open(data_path, "wb") as out:
-        for tensor in iter_tensors(model.graph):
-            mapped = external_data_helper.uses_external_data(tensor)
-            if mapped and external_extent(tensor)[2] < EXTERNAL_SIZE_THRESHOLD:  # small: inline, as in memory
-                _load_mapped(tensor)
-                mapped = False
-            if not mapped and tensor.data_type == onnx.TensorProto.STRING:
-                continue
-            if not mapped and not tensor.HasField("raw_data"):
-                if tensor.ByteSize() < EXTERNAL_SIZE_THRESHOLD:
-                    continue
-                tensor.raw_data = onnx.numpy_helper.to_array(tensor).tobytes()
-                for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                    tensor.ClearField(name)
-            if not mapped and len(tensor.raw_data) < EXTERNAL_SIZE_THRESHOLD:
-                continue
-            offset = -out.tell() % EXTERNAL_DATA_ALIGNMENT + out.tell()
-            out.write(b"\0" * (offset - out.tell()))
-            if mapped:
-                location, start, length = external_extent(tensor)
-                with open(location, "rb") as source:
-                    source.seek(start)
-                    left = length
-                    while left > 0:
-                        chunk = source.read(min(COPY_CHUNK, left))
-                        if not chunk:
-                            raise OSError(f"{location} ended before tensor {tensor.name!r}")
-                        out.write(chunk)
-                        left -= len(chunk)
-            else:
-                length = len(tensor.raw_data)
-                out.write(tensor.raw_data)
-                tensor.ClearField("raw_data")
-            del tensor.external_data[:]
-            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-
-
 def _write_error(path: Path, exc: OSError) -> OnnxlrError:
     """A one-line user error for a failed write (the caller has removed every partial file)."""
     if exc.errno == errno.ENOSPC:
@@ -375,6 +255,24 @@ def _write_error(path: Path, exc: OSError) -> OnnxlrError:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OnnxlrError(f"cannot write {path}: {exc.strerror} (output folder not writable?)")
     return OnnxlrError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def _write_checked(model: onnx.ModelProto, target: Path, data: Path | None, check: bool, destination: Path) -> Path:
+    """Write ``model`` (its large tensors into ``data`` when given) to ``target`` and check the file;
+    errors name ``destination``, where it is going."""
+    try:
+        if data is not None:
+            write_external_data(model, data)
+        onnx.save_model(model, str(target))
+    except OSError as exc:
+        raise _write_error(destination, exc) from None
+    if check:
+        if data is not None:
+            onnx.checker.check_model(str(target))
+            onnx.shape_inference.infer_shapes_path(str(target), check_type=True, strict_mode=True)
+        else:
+            check_model(model)
+    return target
 
 
 def output_folder(path: str | os.PathLike) -> Path:
@@ -389,6 +287,18 @@ def output_folder(path: str | os.PathLike) -> Path:
     if not os.access(folder, os.W_OK):
         raise OnnxlrError(f"output folder is not writable: {folder}")
     return folder
+
+
+def check_output_path(path: str | os.PathLike, source: str | os.PathLike) -> None:
+    """OnnxlrError when writing ``path`` (or its ``<name>.data``) would overwrite the model ``source``
+    or an external data file it reads: same path, symlink, hard link or ``..`` spelling."""
+    for target in (Path(path), Path(f"{path}.data")):
+        for used in files_of(source):
+            if target.resolve() == used.resolve() or target.exists() and used.exists() and os.path.samefile(target, used):
+                if used == Path(source):
+                    raise OnnxlrError(f"output path {path} is the input model; choose another path")
+                raise OnnxlrError(f"writing {path} would overwrite the input's external data {used.name}; "
+                                  "choose another path")
 
 
 def check_writable_folder(path: str | os.PathLike) -> None:
@@ -406,6 +316,21 @@ def check_writable_folder(path: str | os.PathLike) -> None:
         raise OnnxlrError(f"output folder is not writable: {folder} ({exc.strerror})") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` through a temporary file renamed over it; a full disk
+    or an unwritable folder is an OnnxlrError and leaves nothing behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(data, encoding="utf-8") if isinstance(data, str) else tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise OnnxlrError(f"no space left on the device holding {path.parent}; {path} not written") from None
+        raise OnnxlrError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

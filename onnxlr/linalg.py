@@ -670,8 +670,7 @@ def sequential_target(W: np.ndarray, G_hat: np.ndarray, C: np.ndarray, *,
     ``ridge`` shrinks the correction: ``G_hat`` is replaced by ``G_hat + ridge * mean(eig G_hat) I`` in
     the inverse only. The correction is a regression of the drift on ``X_hat`` with ``k * k``
     coefficients, fitted from the calibration rows (7.6k rows against k = 1536 on MiniLM): unshrunk
-    it overfits. Measured on MiniLM at the 10% level (cosine to the original, held-out sentences):
-    ridge 0 → 0.9473, 0.01 → 0.9500, 0.1 → 0.9530, 1 → 0.9528 (one-shot whitened: 0.9491).
+    it overfits (the ridge was chosen on MiniLM: docs/benchmarks.md, "Design measurements").
 
     Parameters
     ----------
@@ -759,16 +758,32 @@ def output_error(W: np.ndarray, W_hat: np.ndarray, G: np.ndarray) -> float:
     return math.sqrt(num / den)
 
 
-def isvt(
-    W: np.ndarray,
-    G: np.ndarray,
-    rank: int,
-    *,
-    max_iter: int = 50,
-    tol: float = 1e-6,
-    rel_eps: float = 1e-6,
-    eig: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict]:
+def _soft_threshold(s: np.ndarray, rank: int, max_iter: int, tol: float) -> tuple[float, list[float], bool, int]:
+    """Bisect the threshold ``tau`` on ``[0, s_1]`` so that soft thresholding keeps at most ``rank`` values
+    (see :func:`isvt`): ``(tau, relative objective per step, converged, iterations)``."""
+    scale = float(np.sum(s**2))
+
+    def soft_objective(tau: float) -> float:
+        # ||T - SVT_tau(T)||^2 = sum min(s, tau)^2, relative to ||T||^2 = ||X W||^2
+        return float(np.sum(np.minimum(s, tau) ** 2)) / scale if scale > 0 else 0.0
+
+    lo, hi = 0.0, float(s[0]) if s.size else 0.0  # soft rank(hi) = 0 <= rank; soft rank(lo) may exceed it
+    history: list[float] = []
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        mid = 0.5 * (lo + hi)
+        if np.count_nonzero(s > mid) <= rank:
+            hi = mid
+        else:
+            lo = mid
+        history.append(soft_objective(hi))  # the soft iterate prox_{hi}(T) of this step
+        if soft_objective(hi) - soft_objective(lo) <= tol:
+            return hi, history, True, iterations
+    return hi, history, False, iterations
+
+
+def isvt(W: np.ndarray, G: np.ndarray, rank: int, *, max_iter: int = 50, tol: float = 1e-6, rel_eps: float = 1e-6,
+         eig: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Iterative singular-value thresholding under a soft rank constraint (Shumaylov et al. 2025).
 
     Soft problem (in whitened coordinates ``Z = S^T M``, ``T = S^T W``, ``G ≈ S S^T`` clamped as in
@@ -776,10 +791,9 @@ def isvt(
 
         min_Z  1/2 ||T - Z||_F^2 + tau ||Z||_*      (= 1/2 ||X (W - M)||_F^2 + tau ||S^T M||_*)
 
-    Each iteration is one proximal-gradient step: the smooth part has gradient ``Z - T`` and
-    Lipschitz constant 1, so with step 1 the step is ``Z <- prox_{tau ||.||_*}(T)``, i.e. soft
-    thresholding of the singular values of ``T`` by ``tau`` (the SVD of ``T`` is computed once and
-    reused). ``tau`` is bisected on ``[0, sigma_1(T)]`` so that the soft solution concentrates its
+    Each iteration is one proximal-gradient step (gradient ``Z - T``, Lipschitz constant 1, step 1):
+    ``Z <- prox_{tau ||.||_*}(T)``, soft thresholding of the singular values of ``T`` by ``tau`` (one SVD
+    of ``T``, reused). ``tau`` is bisected on ``[0, sigma_1(T)]`` so that the soft solution concentrates its
     energy on ``rank`` values: the upper bracket always has at most ``rank`` non-zero soft singular
     values, the lower bracket more. Convergence test: the relative change of the calibrated
     objective ``||T - Z||_F^2 / ||T||_F^2`` across the bracket falls below ``tol`` (this bounds the
@@ -787,14 +801,10 @@ def isvt(
     iterate is hard-truncated to ``rank`` (its left singular vectors give ``A = S^{-T} U_r``, scaled for
     balance) and ``B`` is refitted with ``refit_output_factor`` on the clamped Gram.
 
-    Honest note: for a single layer in isolation the hard-rank closed form (``whitened_svd``) is
-    already optimal, and in whitened coordinates every soft iterate shares the singular vectors of
-    ``T``; so the returned ``A @ B`` equals ``whitened_svd``'s product up to round-off (it can never be
-    worse by more than round-off). The soft-rank path (``info['tau']``, ``info['objective_history']``)
-    is what differs: it is the shrunk estimate that Shumaylov et al. (arXiv 2507.09428) argue trains
-    better than hard truncation, and it matters when the metric or penalty is changed (e.g. a
-    nuclear norm on ``M`` itself, or a different regularisation of ``G``), which this simple version
-    does not do.
+    For one layer in isolation the hard-rank closed form (``whitened_svd``) is already optimal and every
+    soft iterate shares the singular vectors of ``T``, so ``A @ B`` equals ``whitened_svd``'s product up
+    to round-off; what differs is the soft-rank path (``info``), the shrunk estimate Shumaylov et al.
+    (arXiv 2507.09428) argue trains better than hard truncation.
 
     Parameters
     ----------
@@ -820,26 +830,7 @@ def isvt(
     lam, Q = eig if eig is not None else _clamped_eigh(G, rel_eps)
     root = np.sqrt(lam)
     U, s, Vt = svd(root[:, None] * (Q.T @ W))
-    scale = float(np.sum(s**2))
-
-    def soft_objective(tau: float) -> float:
-        # ||T - SVT_tau(T)||^2 = sum min(s, tau)^2, relative to ||T||^2 = ||X W||^2
-        return float(np.sum(np.minimum(s, tau) ** 2)) / scale if scale > 0 else 0.0
-
-    lo, hi = 0.0, float(s[0]) if s.size else 0.0  # soft rank(hi) = 0 <= rank; soft rank(lo) may exceed it
-    history: list[float] = []
-    converged = False
-    iterations = 0
-    for iterations in range(1, int(max_iter) + 1):
-        mid = 0.5 * (lo + hi)
-        if np.count_nonzero(s > mid) <= rank:
-            hi = mid
-        else:
-            lo = mid
-        history.append(soft_objective(hi))  # the soft iterate prox_{hi}(T) of this step
-        if soft_objective(hi) - soft_objective(lo) <= tol:
-            converged = True
-            break
+    hi, history, converged, iterations = _soft_threshold(s, rank, int(max_iter), tol)
     soft = np.maximum(s - hi, 0.0)
     # Hard truncation to `rank`: U is ordered by the singular values of T, which is also the order of
     # the soft values (ties and zeros included), then refit B on the clamped Gram.

@@ -13,6 +13,8 @@ from typing import Mapping
 import numpy as np
 import onnx
 
+from onnxlr.shapes import input_shapes
+
 
 @dataclass
 class MacCount:
@@ -23,8 +25,6 @@ class MacCount:
 
 def count_macs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> MacCount:
     """MACs of one run of ``model`` at the given input dimensions."""
-    from onnxlr.api import input_shapes  # shape inference with the same dimension rules as the guard
-
     shapes = input_shapes(model, dims)
     for init in model.graph.initializer:
         shapes.setdefault(init.name, list(init.dims))
@@ -33,11 +33,19 @@ def count_macs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) ->
         macs = _node_macs(node, shapes)
         if macs is None:
             if node.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
-                out.unknown.append(node.name or node.output[0])
+                out.unknown.append(node_key(node))
             continue
-        out.per_node[node.name or node.output[0]] = macs
+        out.per_node[node_key(node)] = macs
         out.total += macs
     return out
+
+
+def node_key(node) -> str:
+    """How :class:`MacCount` names a node (an ONNX or onnx-graphsurgeon one): its name, else its first
+    output's (node names are optional)."""
+    if hasattr(node, "op_type"):
+        return node.name or node.output[0]
+    return node.name or node.outputs[0].name
 
 
 def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, list[int]]) -> int | None:

@@ -192,3 +192,43 @@ def choose_smoothing(Ws: list[np.ndarray], G: np.ndarray, count: int, low: np.nd
         if err < best[2]:
             best = (alpha, s, err)
     return best
+
+
+# ------------------------------------------------------------------------------ static int8 convolutions
+# A Conv weight W (C_out, C_in / group, *kernel) is quantized per output channel (axis 0), symmetric int8,
+# the form ONNX Runtime's QLinearConv runs on its fast path (an asymmetric uint8 weight takes a path
+# 2–50× slower on x86). Its bias becomes int32 at the scale x_scale · w_scale of the accumulator.
+
+
+def quantize_conv_weight(W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Round-to-nearest symmetric int8 of a Conv weight (C_out, ...) per output channel: returns codes of
+    W's shape and float32 scales (C_out,) with ``W ≈ q * scale[:, None, ...]``."""
+    W = np.asarray(W, dtype=np.float64)
+    q, scale = quantize_per_channel(W.reshape(W.shape[0], -1).T)
+    return q.T.reshape(W.shape), scale.astype(np.float32)
+
+
+def dequantize_conv_weight(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float64 weight of codes (C_out, ...) and scales (C_out,)."""
+    return q.astype(np.float64) * np.asarray(scale, np.float64).reshape((-1,) + (1,) * (q.ndim - 1))
+
+
+def conv_bias_shift(W: np.ndarray, W_hat: np.ndarray, input_mean: np.ndarray, group: int = 1) -> np.ndarray:
+    """(C_out,) the mean output shift the rounding ``W → Ŵ`` causes, ``(W − Ŵ) · E[x]``, per output
+    channel (Nagel et al.'s bias correction, local to one conv: only its own rounding). ``input_mean``:
+    (C_in,) mean of each input channel on the calibration data; padding is taken as the mean too.
+    Adding it to the bias undoes the shift on average."""
+    err = np.asarray(W, np.float64) - np.asarray(W_hat, np.float64)
+    c_out, per_group = err.shape[0], err.shape[1]
+    taps = err.reshape(c_out, per_group, -1).sum(axis=2)  # (C_out, C_in / group)
+    groups_of = np.arange(c_out) // (c_out // group)  # output channel -> its group
+    means = np.asarray(input_mean, np.float64).reshape(group, per_group)[groups_of]  # (C_out, C_in / group)
+    return (taps * means).sum(axis=1)
+
+
+def quantize_conv_bias(b: np.ndarray, x_scale: float, w_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int32 codes and float32 scales (C_out,) of a conv bias at the accumulator's scale ``x_scale · w_scale``
+    (what QLinearConv adds before requantizing)."""
+    scale = np.maximum(float(x_scale) * np.asarray(w_scale, np.float64), 1e-30).astype(np.float32)
+    codes = np.clip(np.rint(np.asarray(b, np.float64) / scale), -2**31, 2**31 - 1).astype(np.int32)
+    return codes, scale

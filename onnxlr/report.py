@@ -23,17 +23,41 @@ from typing import Any
 import onnx
 
 from onnxlr.graph import count_parameters
-from onnxlr.io import external_bytes
+from onnxlr.external_data import external_bytes
 from onnxlr.pipeline import PassRecord
-from onnxlr.runtimes.compare import Tolerance
+from onnxlr.compare import Tolerance
 from onnxlr.runtimes.mobile import OrtConversion
 from onnxlr.runtimes.validate import Validation
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
-@dataclass
+def tolerance_met(tolerance: Tolerance | None, validation: Validation | None) -> bool | None:
+    """Whether every output on every available provider meets ``tolerance`` (None: no tolerance, or not
+    validated). An optimized model that fails to run on an available provider fails the tolerance too."""
+    if tolerance is None or validation is None:
+        return None
+    ran = [p for p in validation.providers if p.available]
+    return bool(ran) and all(not p.reason and all(tolerance.holds(o) for o in p.outputs) for p in ran)
+
+
+# Agreement figures that call for a look before the result is used (each with its bound).
+ALARMS = {"cosine_min": ("worst per-sample cosine", 0.9, "below"), "agreement": ("share of equal elements", 0.9, "below"),
+          "rel_l2": ("relative L2 error", 0.2, "above")}
+
+
+def output_alarms(comparison) -> list[str]:
+    """Why one output's agreement with the original is alarming (:data:`ALARMS`), if it is."""
+    found = []
+    for key, (what, bound, side) in ALARMS.items():
+        value = getattr(comparison, key)
+        if value is not None and (value < bound if side == "below" else value > bound or not math.isfinite(value)):
+            found.append(f"{what} {value:.4g} ({side} {bound:g}): check the result on your task before using it")
+    return found
+
+
+@dataclass(frozen=True)
 class ModelSummary:
     params: int
     bytes: int
@@ -46,7 +70,7 @@ class ModelSummary:
         return cls(count_parameters(model), model.ByteSize() + external_bytes(model), len(model.graph.node), path)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Report:
     original: ModelSummary
     optimized: ModelSummary
@@ -56,19 +80,30 @@ class Report:
     written: bool = False
     streamed: bool = False  # the input's external data stayed in its files (onnxlr.io mapped load)
     ort_format: OrtConversion | None = None  # the .ort copy written with --ort
+    settings: dict[str, Any] = field(default_factory=dict)  # what the run was told (OptimizeOptions.describe)
 
     @property
     def passed(self) -> bool | None:
-        """Whether every output on every available provider meets the tolerance (None: no tolerance).
+        """Whether every output on every available provider meets the tolerance (:func:`tolerance_met`)."""
+        return tolerance_met(self.tolerance, self.validation)
 
-        An optimized model that fails to run on an available provider fails the tolerance too.
-        """
-        if self.tolerance is None or self.validation is None:
-            return None
-        ran = [p for p in self.validation.providers if p.available]
-        return bool(ran) and all(
-            not p.reason and all(self.tolerance.holds(o) for o in p.outputs) for p in ran
-        )
+    @property
+    def alarms(self) -> list[str]:
+        """Figures a user should not miss: outputs far from the original's (:data:`ALARMS`), a model that
+        grew, a failed provider — whatever the tolerance said."""
+        found = []
+        if self.passes and self.optimized.bytes > self.original.bytes:
+            found.append(f"the model grew: {self.original.bytes:,} -> {self.optimized.bytes:,} bytes "
+                         "(the passes above list each layer's parameters before and after)")
+        for p in self.validation.providers if self.validation else []:
+            found.extend(f"output {c.name} on {p.provider} ({p.device}): {alarm}" for c in p.outputs
+                         for alarm in output_alarms(c))
+        return found
+
+    def written_to(self, path, ort_format: OrtConversion | None = None) -> "Report":
+        """This report for a result written to ``path`` (and converted to ``.ort``: ``ort_format``)."""
+        return dataclasses.replace(self, optimized=dataclasses.replace(self.optimized, path=str(path)),
+                                   written=True, ort_format=ort_format)
 
     def pass_named(self, name: str) -> PassRecord | None:
         """The record of the pass called ``name`` (e.g. ``"factorize_matmul"``), None if it did not run."""
@@ -82,9 +117,11 @@ class Report:
             out["ort_format"]["path"] = str(self.ort_format.path)
         out["tolerance"] = str(self.tolerance) if self.tolerance else None
         out["passed"] = self.passed
+        out["alarms"] = self.alarms
         if self.validation:
             for result, provider in zip(out["validation"]["providers"], self.validation.providers):
                 result["speedup"] = provider.speedup
+                result["speedup_noise"] = provider.speedup_noise
         return out
 
     def to_json(self) -> str:
@@ -118,28 +155,41 @@ class Report:
                 lines.append(f"  svd: {', '.join(f'{n} {name}' for name, n in sorted(solvers.items()))}"
                              + (f"; {where['workers']} {where['executor']} workers × {where['blas_threads']} BLAS "
                                 f"threads" if where and where["executor"] != "serial" else ""))
-            for change in record.rewritten:
-                lines.append(_rewritten_line(change))
+            # rewrites with figures get a line each; the others (folds, renames) are grouped like skips
+            lines.extend(_rewritten_line(change) for change in record.rewritten if _has_figures(change))
             lines.extend(_chain_line(change) for change in record.skipped if change.op == "chain")
-            reasons: dict[str, list[str]] = {}
-            for change in record.skipped:
-                if change.op == "chain":
-                    continue
-                reasons.setdefault(change.reason, []).append(change.node)
-            for reason, nodes in reasons.items():
-                shown = ", ".join(nodes[:3]) + (f" … (+{len(nodes) - 3})" if len(nodes) > 3 else "")
-                lines.append(f"  skipped {len(nodes)}: {reason}  [{shown}]")
+            lines.extend(_grouped([c for c in record.rewritten if not _has_figures(c)], "rewritten"))
+            lines.extend(_grouped([c for c in record.skipped if c.op != "chain"], "skipped"))
         if self.validation:
-            lines.extend(_validation_lines(self.validation))
+            lines.extend(_validation_lines(self.validation, self.tolerance))
         if self.ort_format:
             f = self.ort_format
             lines.append("")
             lines.append(f"ORT format: {f.path} ({f.bytes:,} bytes), " + (
                 f"loads and runs, max abs difference from the .onnx {f.max_abs_diff:.3g}" if f.ok else f"FAILED: {f.reason}"))
+        alarms = self.alarms
+        if alarms:
+            lines.append("")
+            lines.extend(f"WARNING: {alarm}" for alarm in alarms)
         if self.passed is not None:
             lines.append("")
             lines.append(f"tolerance {self.tolerance}: {'PASSED' if self.passed else 'FAILED'}")
+        elif alarms:
+            lines.append("(no --max-error was given: the result is written all the same; set one to refuse such a result)")
         return "\n".join(lines)
+
+
+def _has_figures(change) -> bool:
+    return any(key in change.details for key in ("shape", "K", "widths", "hidden"))
+
+
+def _grouped(changes, action: str) -> list[str]:
+    """``  skipped 3: <reason>  [a, b, c]`` per reason."""
+    reasons: dict[str, list[str]] = {}
+    for change in changes:
+        reasons.setdefault(change.reason, []).append(change.node)
+    return [f"  {action} {len(nodes)}: {reason}  [{', '.join(nodes[:3])}{f' … (+{len(nodes) - 3})' if len(nodes) > 3 else ''}]"
+            for reason, nodes in reasons.items()]
 
 
 def _finite(value):
@@ -244,7 +294,28 @@ def _allocation_lines(a: dict) -> list[str]:
     return lines
 
 
-def _validation_lines(v) -> list[str]:
+def _noise(p) -> str:
+    noise = p.speedup_noise
+    if noise is None:
+        return ""
+    return f" (within this run's noise, ±{noise:.0%}: no difference shown)" if p.within_noise else f" (noise ±{noise:.0%})"
+
+
+def _output_line(c, tolerance: Tolerance | None) -> str:
+    """One output's agreement, with the tolerance's verdict on it when one was given."""
+    kind = "" if c.kind == "tensor" else f" ({c.kind}, compared as a matrix)"
+    if c.exact:
+        size = max(1, int(math.prod(c.shape)))
+        line = f"      output {c.name}{kind}: {round(c.agreement * size):,} of {size:,} elements equal ({c.agreement:.4f})"
+    else:
+        line = (f"      output {c.name}{kind}: max abs {c.max_abs:.3g}, rel L2 {c.rel_l2:.3g}, "
+                f"cosine {c.cosine:.5f} (worst sample {c.cosine_min:.5f})")
+    if tolerance is not None:
+        line += f"  [{tolerance.verdict(c)}]"
+    return line
+
+
+def _validation_lines(v, tolerance: Tolerance | None = None) -> list[str]:
     """Per device and provider: latency, fusions, per-layer profile, output agreement; mobile checks."""
     lines = ["", f"validation on {v.inputs} ({v.samples} samples), {v.threads} threads, "
                  f"latency batch {v.latency_batch}"]
@@ -260,21 +331,21 @@ def _validation_lines(v) -> list[str]:
             lines.append(f"    {p.provider}: {p.reason}")
             continue
         options = f" [{', '.join(f'{k}={v}' for k, v in p.options.items())}]" if p.options else ""
-        lines.append(
-            f"    {p.provider}{options}: latency {p.latency_original.median_ms:.2f} ms "
-            f"(p90 {p.latency_original.p90_ms:.2f}) -> {p.latency_optimized.median_ms:.2f} ms "
-            f"(p90 {p.latency_optimized.p90_ms:.2f}), speed-up {p.speedup:.2f}x"
-        )
+        if p.latency_original is None:
+            lines.append(f"    {p.provider}{options}: emulated ({p.emulated}): outputs compared, latency not "
+                         "measured (an emulated CPU's times are not the device's)")
+        else:
+            lines.append(
+                f"    {p.provider}{options}: latency {p.latency_original.median_ms:.2f} ms "
+                f"(p90 {p.latency_original.p90_ms:.2f}) -> {p.latency_optimized.median_ms:.2f} ms "
+                f"(p90 {p.latency_optimized.p90_ms:.2f}), speed-up {p.speedup:.2f}x{_noise(p)}")
         if p.lost_fusions:
             lost = ", ".join(f"{op} {a} -> {b}" for op, (a, b) in p.lost_fusions.items())
             lines.append(f"      ONNX Runtime fusions lost: {lost}")
         elif p.lost_fusions is not None:
             lines.append("      ONNX Runtime fusions: none of the original's lost")
         for c in p.outputs:
-            lines.append(
-                f"      output {c.name}: max abs {c.max_abs:.3g}, rel L2 {c.rel_l2:.3g}, "
-                f"cosine {c.cosine:.5f} (worst sample {c.cosine_min:.5f})"
-            )
+            lines.append(_output_line(c, tolerance))
         if p.profile:
             lines.extend(_profile_lines(p.profile))
     for check in v.mobile:

@@ -26,8 +26,10 @@ import onnx_graphsurgeon as gs
 
 from onnxlr import linalg
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import consumer_counts, make_constant, unique_name
-from onnxlr.pipeline import LayerChange, PassRecord, config_dict
+from onnxlr.graph import make_constant, unique_name
+from onnxlr.matching import Table, find_tables
+from onnxlr.pipeline import LayerChange, Pass
+from onnxlr.statistics import TokenCounts
 
 
 @dataclass
@@ -40,84 +42,53 @@ class FactorizeEmbeddingConfig:
     force: bool = False
 
 
-@dataclass
-class Table:
-    node: gs.Node
-    table: gs.Constant
-
-    @property
-    def indices(self) -> gs.Tensor:
-        return self.node.inputs[1]
-
-
-def find_tables(graph: gs.Graph) -> tuple[list[Table], list[LayerChange]]:
-    """Gather nodes on constant 2-D float tables, and skips with reasons."""
-    readers = consumer_counts(graph)
-    tables, skipped = [], []
-    for node in graph.nodes:
-        if node.op != "Gather" or not isinstance(node.inputs[0], gs.Constant):
-            continue
-        values = np.asarray(node.inputs[0].values)
-        reason = ""
-        if values.ndim != 2 or not np.issubdtype(values.dtype, np.floating):
-            continue  # shape tables and index constants: not embeddings, not worth a line in the report
-        if int(node.attrs.get("axis", 0)) != 0:
-            reason = "gathers along axis 1 (columns), not rows"
-        elif readers[node.inputs[0].name] > 1:
-            reason = f"table {node.inputs[0].name!r} is also read by another node (tied weights)"
-        if reason:
-            skipped.append(LayerChange(node.name, node.op, "skipped", reason))
-        else:
-            tables.append(Table(node, node.inputs[0]))
-    return tables, skipped
-
-
-class FactorizeEmbedding:
+class FactorizeEmbedding(Pass):
     """Low-rank factorization of embedding tables, weighted by token frequency when counts are given.
 
-    counts : per indices-tensor name, how often each row was looked up in calibration data (V,).
+    counts : per indices-tensor name, how often each row was looked up in calibration data (V,)
+        (:class:`onnxlr.statistics.TokenCounts`).
     """
 
     name = "factorize_embedding"
+    config_class = FactorizeEmbeddingConfig
 
     def __init__(self, config: FactorizeEmbeddingConfig | None = None,
                  counts: Mapping[str, np.ndarray] | None = None):
-        self.config = config or FactorizeEmbeddingConfig()
-        self.counts = counts or {}
+        super().__init__(config, counts)
 
-    def run(self, graph: gs.Graph) -> PassRecord:
-        record = PassRecord(self.name, config_dict(self.config))
+    def needs(self, graph: gs.Graph) -> list:
+        return [TokenCounts(t.indices.name, np.asarray(t.table.values).shape[0]) for t in find_tables(graph)[0]]
+
+    def match(self, graph: gs.Graph):
         tables, skipped = find_tables(graph)
-        record.layers.extend(skipped)
-        for t in tables:
-            T = np.asarray(t.table.values)
-            V, d = T.shape
-            counts = self.counts.get(t.indices.name)
-            weights = np.sqrt(counts.astype(np.float64) + 1.0) if counts is not None else None
-            scaled = T if weights is None else T * weights[:, None]
-            s = linalg.svd(scaled)[1]
-            rank = self._rank(t, V, d, s)
-            details = {"weight": t.table.name, "shape": [V, d], "params": V * d,
-                       "break_even_rank": round(linalg.break_even_rank(V, d), 1),
-                       "method": "frequency-weighted svd" if weights is not None else "svd"}
-            if rank is None:
-                record.layers.append(LayerChange(t.node.name, t.node.op, "skipped", "no rank rule for this table", details))
-                continue
-            details.update(rank=rank, energy_kept=float(linalg.energy_kept(s)[rank - 1]))
-            if not linalg.saves_parameters(V, d, rank) and not self.config.force:
-                record.layers.append(LayerChange(t.node.name, t.node.op, "skipped",
-                                                 f"rank {rank} >= break-even rank {V * d / (V + d):.1f}: "
-                                                 "would not save parameters", details))
-                continue
-            A, B = linalg.fisher_svd(T, rank, row_weights=weights)
-            M = T - A @ B
-            details.update(params_after=rank * (V + d),
-                           weight_error=float(np.linalg.norm(M) / max(np.linalg.norm(T), 1e-300)))
-            if weights is not None:
-                details["calib_error"] = float(np.linalg.norm(M * weights[:, None]) / np.linalg.norm(scaled))
-            self._rewrite(graph, t, A.astype(T.dtype), B.astype(T.dtype))
-            record.layers.append(LayerChange(t.node.name, t.node.op, "rewritten", "", details))
-        return record
+        yield from skipped
+        yield from tables
+
+    def rewrite(self, graph: gs.Graph, t: Table) -> LayerChange:
+        T = np.asarray(t.table.values)
+        V, d = T.shape
+        counts = self.stats.get(t.indices.name)
+        weights = np.sqrt(counts.astype(np.float64) + 1.0) if counts is not None else None
+        scaled = T if weights is None else T * weights[:, None]
+        s = linalg.svd(scaled)[1]
+        rank = self._rank(t, V, d, s)
+        details = {"weight": t.table.name, "shape": [V, d], "params": V * d,
+                   "break_even_rank": round(linalg.break_even_rank(V, d), 1),
+                   "method": "frequency-weighted svd" if weights is not None else "svd"}
+        if rank is None:
+            return LayerChange(t.node.name, t.node.op, "skipped", "no rank rule for this table", details)
+        details.update(rank=rank, energy_kept=float(linalg.energy_kept(s)[rank - 1]))
+        if not linalg.saves_parameters(V, d, rank) and not self.config.force:
+            return LayerChange(t.node.name, t.node.op, "skipped",
+                               f"rank {rank} >= break-even rank {V * d / (V + d):.1f}: would not save parameters",
+                               details)
+        A, B = linalg.fisher_svd(T, rank, row_weights=weights)
+        M = T - A @ B
+        details.update(params_after=rank * (V + d), weight_error=float(np.linalg.norm(M) / max(np.linalg.norm(T), 1e-300)))
+        if weights is not None:
+            details["calib_error"] = float(np.linalg.norm(M * weights[:, None]) / np.linalg.norm(scaled))
+        self._rewrite(graph, t, A.astype(T.dtype), B.astype(T.dtype))
+        return LayerChange(t.node.name, t.node.op, "rewritten", "", details)
 
     def _rank(self, t: Table, V: int, d: int, s: np.ndarray) -> int | None:
         for key in (t.node.name, t.table.name):

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxlr.pipeline import LayerChange, PassRecord, config_dict
+from onnxlr.graph import subgraph_nodes, subgraphs
+from onnxlr.pipeline import LayerChange, Pass, PassRecord, config_dict
 
 
 @dataclass
@@ -24,25 +25,49 @@ class FoldConstantsConfig:
     size_threshold: int | None = None
 
 
-class FoldConstants:
-    name = "fold_constants"
+class FoldConstants(Pass):
+    """Fold every computation of constants into initializers (see the module docstring); each node
+    folded away is recorded."""
 
-    def __init__(self, config: FoldConstantsConfig | None = None):
-        self.config = config or FoldConstantsConfig()
+    name = "fold_constants"
+    config_class = FoldConstantsConfig
 
     def run(self, graph: gs.Graph) -> PassRecord:
         record = PassRecord(self.name, config_dict(self.config))
         before = {id(node): node for node in graph.nodes}
         _fold_dequantized_constants(graph)
-        # flatten_subgraphs=False: onnx-graphsurgeon's inlining of an If with a constant condition
-        # drops branch nodes that read another branch output (the affine_grid node tests)
-        graph.fold_constants(fold_shapes=False, size_threshold=self.config.size_threshold,
-                             error_ok=True, flatten_subgraphs=False).cleanup()
+        inside = any(True for _ in subgraph_nodes(graph)) and self._folds_inside_without_growing(graph)
+        self._fold(graph, inside)
+        if not inside and any(True for _ in subgraph_nodes(graph)):
+            record.config["subgraphs"] = ("not folded: folding inside them would copy outer-scope weights into "
+                                          "every branch that transforms them")
         kept = {id(node) for node in graph.nodes}
         for key, node in before.items():
             if key not in kept:
                 record.layers.append(LayerChange(node.name, node.op, "rewritten", "folded into a constant"))
         return record
+
+    def _fold(self, graph: gs.Graph, inside: bool) -> None:
+        # flatten_subgraphs=False: onnx-graphsurgeon's inlining of an If with a constant condition
+        # drops branch nodes that read another branch output (the affine_grid node tests).
+        graph.fold_constants(fold_shapes=False, size_threshold=self.config.size_threshold, error_ok=True,
+                             flatten_subgraphs=False, recurse_subgraphs=inside).cleanup()
+
+    def _folds_inside_without_growing(self, graph: gs.Graph) -> bool:
+        """Whether folding inside subgraphs keeps the weights as they were in size: where branches
+        transform an outer-scope weight (Silero VAD's LSTM reorders its weights in four nested branches)
+        folding copies it into each of them — the file grew 42% — and subgraphs are then left alone."""
+        trial = graph.copy()
+        self._fold(trial, True)
+        return _weights(trial) <= _weights(graph)
+
+
+def _weights(graph: gs.Graph) -> int:
+    """Values held by the constants of ``graph`` and its subgraphs, each counted once however many
+    subgraphs read it."""
+    constants = {id(t): t for g in subgraphs(graph) for t in g.tensors().values()
+                 if isinstance(t, gs.Constant) and t.shape is not None}
+    return sum(int(np.prod(t.shape)) for t in constants.values())
 
 
 def _fold_dequantized_constants(graph: gs.Graph) -> None:

@@ -24,8 +24,8 @@ integer convolution is not faster (docs/benchmarks.md). Embedding tables (``Gath
 ``compensation_rank`` adds EoRA's low-rank branch ``Y += (X @ A) @ B`` in float, fitted to the
 quantization error in the activation eigenspace (needs statistics).
 
-Statistics (``stats``: tensor name -> :class:`onnxlr.runtimes.stats.TensorStats` of each layer input,
-see :func:`stats_tensors`) drive GPTQ, SmoothQuant and compensation; without them the pass rounds to
+Statistics (``stats``: tensor name -> :class:`onnxlr.statistics.TensorStats` of each layer input,
+see :meth:`QuantizeInt8.needs`) drive GPTQ, SmoothQuant and compensation; without them the pass rounds to
 nearest, does not smooth and does not compensate, and says so in its record.
 """
 
@@ -34,16 +34,16 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Collection, Mapping
+from typing import Collection
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxlr import linalg, quantization
 from onnxlr.graph import CONTRIB_DOMAIN, add_low_rank_branch, import_contrib_domain, unique_name
-from onnxlr.pipeline import LayerChange, PassRecord, config_dict
-from onnxlr.passes.factorize_matmul import Layer, find_layers
-from onnxlr.runtimes.stats import TensorStats
+from onnxlr.matching import Layer, find_layers
+from onnxlr.pipeline import LayerChange, Pass, PassRecord, config_dict
+from onnxlr.statistics import Rows, TensorStats
 
 ACTIVATIONS = ("dynamic", "static", "none")
 ROUNDINGS = ("nearest", "gptq")
@@ -116,32 +116,59 @@ def quantizable_layers(graph: gs.Graph, config: QuantizeInt8Config) -> tuple[lis
     return kept, [s for s in skipped if config.only is None or s.node in config.only]
 
 
-def stats_tensors(graph: gs.Graph, config: QuantizeInt8Config) -> list[str]:
-    """Names of the tensors whose statistics the pass uses: the input X of every quantized layer."""
-    return sorted({layer.node.inputs[0].name for layer in quantizable_layers(graph, config)[0]})
+@dataclass
+class _Group:
+    """The layers reading one input X: they share its smoothing and its activation quantizer."""
+
+    layers: list[Layer]
 
 
-class QuantizeInt8:
+class QuantizeInt8(Pass):
+    """int8 weights (and activations) of MatMul/Gemm layers, int8 Conv weights and embedding tables (see
+    the module docstring). ``stats``: TensorStats of each layer input by tensor name."""
+
     name = "quantize_int8"
-    stats_tensors = staticmethod(stats_tensors)
+    config_class = QuantizeInt8Config
 
-    def __init__(self, config: QuantizeInt8Config | None = None, stats: Mapping[str, TensorStats] | None = None):
-        self.config = config or QuantizeInt8Config()
-        self.stats = dict(stats or {})
+    def min_opset(self) -> int:
+        """13 for per-channel DequantizeLinear (weight-only and QDQ forms, conv weights), 11 for
+        DynamicQuantizeLinear, 10 for QuantizeLinear."""
+        c = self.config
+        if c.convs or (c.matmuls and (c.activations == "none" or (c.activations == "static" and c.static_format == "qdq"))):
+            return 13
+        return 11 if c.matmuls and c.activations == "dynamic" else 10
+
+    def needs(self, graph: gs.Graph) -> list:
+        inputs = {layer.input.name for layer in quantizable_layers(graph, self.config)[0]}
+        return [Rows(name) for name in sorted(inputs)]
+
+    def match(self, graph: gs.Graph):
+        """Skips, then groups of layers reading one input, then Conv and table nodes, in graph order."""
+        layers, skipped = quantizable_layers(graph, self.config)
+        yield from skipped
+        by_input: dict[str, list[Layer]] = defaultdict(list)
+        for layer in layers:
+            by_input[layer.input.name].append(layer)
+        yield from (_Group(group) for group in by_input.values())
+        for node in list(graph.nodes):
+            if not _selected(self.config, node):
+                continue
+            if self.config.convs and node.op == "Conv":
+                yield _conv_weight(node, self.config)
+            elif self.config.tables and node.op == "Gather" and _is_table(node, self.config):
+                yield node
 
     def run(self, graph: gs.Graph) -> PassRecord:
         record = PassRecord(self.name, config_dict(self.config))
-        layers, skipped = quantizable_layers(graph, self.config)
-        record.layers.extend(skipped)
-        by_input: dict[str, list[Layer]] = defaultdict(list)
-        for layer in layers:
-            by_input[layer.node.inputs[0].name].append(layer)
-        for group in by_input.values():
-            record.layers.extend(self._quantize_group(graph, group))
-        if self.config.convs:
-            record.layers.extend(_quantize_convs(graph, self.config))
-        if self.config.tables:
-            record.layers.extend(_quantize_tables(graph, self.config))
+        for found in self.match(graph):
+            if isinstance(found, _Group):
+                record.layers.extend(self._quantize_group(graph, found.layers))
+            elif isinstance(found, gs.Node):
+                record.layers.append(_quantize_table(graph, found))
+            elif isinstance(found, LayerChange):
+                record.layers.append(found)
+            else:
+                record.layers.append(_quantize_conv(graph, *found))
         return record
 
     def _quantize_group(self, graph: gs.Graph, group: list[Layer]) -> list[LayerChange]:
@@ -324,60 +351,57 @@ def _absorb_bias_add(graph: gs.Graph, Y: gs.Variable, n: int) -> tuple[gs.Consta
     return other, out
 
 
-def _quantize_convs(graph: gs.Graph, config: QuantizeInt8Config) -> list[LayerChange]:
-    """Weight-only int8 Conv weights (per output channel): a 4× smaller file, float compute."""
-    changes = []
-    for node in list(graph.nodes):
-        if node.op != "Conv" or not _selected(config, node):
-            continue
-        weight = node.inputs[1]
-        if not isinstance(weight, gs.Constant) or not np.issubdtype(np.asarray(weight.values).dtype, np.floating):
-            changes.append(LayerChange(node.name, node.op, "skipped", "weight is not a float constant"))
-            continue
-        W = np.asarray(weight.values)
-        if W.size < config.min_params:
-            changes.append(LayerChange(node.name, node.op, "skipped", f"{W.size} weights < min_params {config.min_params}"))
-            continue
-        q, scale = quantization.quantize_per_channel(W.reshape(W.shape[0], -1).T)
-        name = node.name or node.outputs[0].name
-        node.inputs[1] = _node_output(graph, "DequantizeLinear",
-                                      [_const(graph, f"{name}/W_int8", q.T.reshape(W.shape)),
-                                       _scale(graph, f"{name}/W_scale", scale)],
-                                      f"{name}/W_dequantized", np.float32, {"axis": 0})
-        changes.append(LayerChange(node.name, node.op, "rewritten", details={
-            "shape": list(W.shape), "bytes": int(W.nbytes), "bytes_after": int(q.nbytes + scale.nbytes),
-            "rounding": "nearest", "weight_only": True}))
-    return changes
+def _conv_weight(node: gs.Node, config: QuantizeInt8Config) -> tuple[gs.Node, np.ndarray] | LayerChange:
+    """A Conv whose weight is stored int8, or the reason it is not."""
+    weight = node.inputs[1]
+    if not isinstance(weight, gs.Constant) or not np.issubdtype(np.asarray(weight.values).dtype, np.floating):
+        return LayerChange(node.name, node.op, "skipped", "weight is not a float constant")
+    W = np.asarray(weight.values)
+    if W.size < config.min_params:
+        return LayerChange(node.name, node.op, "skipped", f"{W.size} weights < min_params {config.min_params}")
+    return node, W
 
 
-def _quantize_tables(graph: gs.Graph, config: QuantizeInt8Config) -> list[LayerChange]:
-    """Embedding tables (Gather on a constant float [V, d] table, axis 0) stored int8 per row."""
-    changes = []
-    for node in list(graph.nodes):
-        if node.op != "Gather" or node.attrs.get("axis", 0) != 0 or not _selected(config, node):
-            continue
-        table = node.inputs[0]
-        if not isinstance(table, gs.Constant):
-            continue
-        T = np.asarray(table.values)
-        if T.ndim != 2 or not np.issubdtype(T.dtype, np.floating) or T.size < config.min_params:
-            continue
-        q, scale = quantization.quantize_per_channel(T.T)  # a row of the table is a "channel"
-        name = node.name or node.outputs[0].name
-        # Gather the int8 rows and their scales, then dequantize only what was gathered: a
-        # DequantizeLinear of the whole table would run on every inference (ORT keeps DequantizeLinear
-        # on initializers unfolded for its QDQ fusions).
-        indices, Y = node.inputs[1], node.outputs[0]
-        node.inputs[0] = _const(graph, f"{name}/table_int8", q.T)
-        node.outputs = [gs.Variable(unique_name(graph, f"{name}/rows_int8"), dtype=np.int8)]
-        rows = _node_output(graph, "Cast", [node.outputs[0]], f"{name}/rows", np.float32, {"to": 1})
-        row_scales = _node_output(graph, "Gather", [_const(graph, f"{name}/table_scale", scale[:, None]), indices],
-                                  f"{name}/row_scales", scale.dtype, {"axis": 0})
-        if scale.dtype != np.float32:
-            row_scales = _node_output(graph, "Cast", [row_scales], f"{name}/row_scales_float", np.float32, {"to": 1})
-        graph.nodes.append(gs.Node("Mul", name=unique_name(graph, f"{name}/dequantize"), inputs=[rows, row_scales],
-                                   outputs=[Y]))
-        changes.append(LayerChange(node.name, node.op, "rewritten", details={
-            "shape": list(T.shape), "bytes": int(T.nbytes), "bytes_after": int(q.nbytes + scale.nbytes),
-            "rounding": "nearest", "weight_only": True}))
-    return changes
+def _quantize_conv(graph: gs.Graph, node: gs.Node, W: np.ndarray) -> LayerChange:
+    """Weight-only int8 Conv weight (per output channel): a 4× smaller file, float compute."""
+    q, scale = quantization.quantize_per_channel(W.reshape(W.shape[0], -1).T)
+    name = node.name or node.outputs[0].name
+    node.inputs[1] = _node_output(graph, "DequantizeLinear",
+                                  [_const(graph, f"{name}/W_int8", q.T.reshape(W.shape)),
+                                   _scale(graph, f"{name}/W_scale", scale)],
+                                  f"{name}/W_dequantized", np.float32, {"axis": 0})
+    return LayerChange(node.name, node.op, "rewritten", details={
+        "shape": list(W.shape), "bytes": int(W.nbytes), "bytes_after": int(q.nbytes + scale.nbytes),
+        "rounding": "nearest", "weight_only": True})
+
+
+def _is_table(node: gs.Node, config: QuantizeInt8Config) -> bool:
+    """A Gather on a constant float [V, d] table along axis 0, large enough to be worth it."""
+    table = node.inputs[0]
+    if node.attrs.get("axis", 0) != 0 or not isinstance(table, gs.Constant):
+        return False
+    T = np.asarray(table.values)
+    return T.ndim == 2 and np.issubdtype(T.dtype, np.floating) and T.size >= config.min_params
+
+
+def _quantize_table(graph: gs.Graph, node: gs.Node) -> LayerChange:
+    """An embedding table stored int8 per row."""
+    T = np.asarray(node.inputs[0].values)
+    q, scale = quantization.quantize_per_channel(T.T)  # a row of the table is a "channel"
+    name = node.name or node.outputs[0].name
+    # Gather the int8 rows and their scales, then dequantize only what was gathered: a
+    # DequantizeLinear of the whole table would run on every inference (ORT keeps DequantizeLinear
+    # on initializers unfolded for its QDQ fusions).
+    indices, Y = node.inputs[1], node.outputs[0]
+    node.inputs[0] = _const(graph, f"{name}/table_int8", q.T)
+    node.outputs = [gs.Variable(unique_name(graph, f"{name}/rows_int8"), dtype=np.int8)]
+    rows = _node_output(graph, "Cast", [node.outputs[0]], f"{name}/rows", np.float32, {"to": 1})
+    row_scales = _node_output(graph, "Gather", [_const(graph, f"{name}/table_scale", scale[:, None]), indices],
+                              f"{name}/row_scales", scale.dtype, {"axis": 0})
+    if scale.dtype != np.float32:
+        row_scales = _node_output(graph, "Cast", [row_scales], f"{name}/row_scales_float", np.float32, {"to": 1})
+    graph.nodes.append(gs.Node("Mul", name=unique_name(graph, f"{name}/dequantize"), inputs=[rows, row_scales],
+                               outputs=[Y]))
+    return LayerChange(node.name, node.op, "rewritten", details={
+        "shape": list(T.shape), "bytes": int(T.nbytes), "bytes_after": int(q.nbytes + scale.nbytes),
+        "rounding": "nearest", "weight_only": True})

@@ -10,7 +10,7 @@ vector of N values, which becomes MatMulNBits' ``bias`` input. The model gains t
 opset import, so it runs in ONNX Runtime (CPU, CUDA, WebGPU, …) but not in runtimes without the op.
 
 Rounding: ``nearest`` reproduces ONNX Runtime's own quantizer bit for bit; ``gptq`` (needs the Gram
-of each layer's input, :func:`stats_tensors` names them) spreads each rounding error over the
+of each layer's input, :meth:`QuantizeMatMulNBits.needs` names them) spreads each rounding error over the
 weights not yet quantized to minimise the layer's output error on the calibration data. A layer
 without statistics falls back to ``nearest`` (its record says so).
 
@@ -22,8 +22,6 @@ nodes excluded by ``only``/``exclude``.
 
 from __future__ import annotations
 
-import functools
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -32,11 +30,11 @@ import onnx_graphsurgeon as gs
 
 from onnxlr import blockwise, linalg, quantization
 from onnxlr.errors import OnnxlrError
-from onnxlr.graph import add_low_rank_branch, import_contrib_domain, unique_name
-from onnxlr.pipeline import LayerChange, PassRecord, config_dict
-from onnxlr.runtimes.stats import TensorStats
+from onnxlr.graph import CONTRIB_DOMAIN, add_low_rank_branch, import_contrib_domain, unique_name
+from onnxlr.matching import Layer, find_layers, optional_input
+from onnxlr.pipeline import LayerChange, Pass, PassRecord, config_dict
+from onnxlr.statistics import Rows, TensorStats
 
-CONTRIB_DOMAIN = "com.microsoft"
 ROUNDINGS = ("nearest", "gptq")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float16))
@@ -54,7 +52,7 @@ class QuantizeMatMulNBitsConfig:
         input A in (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8). 0, ONNX Runtime's quantizer default
         (it then omits the attribute), keeps A in full precision, so the result is the float
         product with the dequantized weight; 4 lets CPUs use int8 dot products, faster but it
-        quantizes the activations too (about 0.5% extra relative error measured on random data).
+        quantizes the activations too (a small extra error, docs/benchmarks.md).
     only : quantize only these node names (None: every eligible node).
     exclude : never quantize these node names.
     min_size : skip weights with fewer elements (K·N); on tiny layers the bytes saved do not pay for
@@ -92,158 +90,101 @@ class QuantizeMatMulNBitsConfig:
             raise OnnxlrError(f"GPTQ damping must be in (0, 1), got {self.damp}")
 
 
-@dataclass
-class Layer:
-    """A node to rewrite; ``W`` is its logical (K, N) weight, ``bias`` Gemm's C as an (N,) vector."""
-
-    node: gs.Node
-    weight: gs.Constant
-    W: np.ndarray
-    bias: np.ndarray | None = None
-
-    @property
-    def key(self) -> tuple[str, bool]:
-        """Layers with the same key compute with the same (K, N) weight and share its packed form."""
-        return self.weight.name, self.node.op == "Gemm" and bool(self.node.attrs.get("transB", 0))
-
-
-def match_layer(node: gs.Node) -> Layer | str:
-    """The quantizable layer behind a MatMul/Gemm ``node``, or the reason it is not."""
-    if not isinstance(node.inputs[1], gs.Constant):
-        if isinstance(node.inputs[0], gs.Constant):
-            return "the constant weight is the first operand (W @ X); only X @ W is quantized"
-        return "weight is not a constant (a graph input or computed tensor)"
-    weight = node.inputs[1]
-    values = np.asarray(weight.values)
-    if values.ndim != 2:
-        return f"weight is {values.ndim}-D with shape {list(values.shape)}; only 2-D weights are quantized"
-    if values.dtype not in FLOAT_TYPES:
-        return f"weight dtype {values.dtype} is not float32 or float16"
+def nbits_form(layer: Layer) -> str | np.ndarray | None:
+    """Why MatMulNBits cannot compute ``layer`` (a str), else its bias: Gemm's C as an (N,) vector, or None."""
+    if layer.W.dtype not in FLOAT_TYPES:
+        return f"weight dtype {layer.W.dtype} is not float32 or float16"
+    node = layer.node
     if node.op == "MatMul":
-        return Layer(node, weight, values)
-    return _match_gemm(node, weight, values)
-
-
-def _match_gemm(node: gs.Node, weight: gs.Constant, values: np.ndarray) -> Layer | str:
+        return None
     attrs = node.attrs
     if float(attrs.get("alpha", 1.0)) != 1.0 or int(attrs.get("transA", 0)):
         return "Gemm with alpha != 1 or transA: MatMulNBits computes X @ W (+ bias) only"
-    W = values.T if int(attrs.get("transB", 0)) else values
-    C = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    C = optional_input(node, 2)
     if C is None:
-        return Layer(node, weight, W)
-    if not isinstance(C, gs.Constant) or np.asarray(C.values).size != W.shape[1] or \
-            np.asarray(C.values).shape not in ((W.shape[1],), (1, W.shape[1])):
+        return None
+    N = layer.W.shape[1]
+    if not isinstance(C, gs.Constant) or np.asarray(C.values).shape not in ((N,), (1, N)):
         return "Gemm bias C is not a constant vector of N values (MatMulNBits' bias is (N,))"
     if float(attrs.get("beta", 1.0)) != 1.0:
         return "Gemm with beta != 1: MatMulNBits adds its bias unscaled"
-    if not _bias_supported():
-        return "this onnxruntime's MatMulNBits has no bias input"
-    return Layer(node, weight, W, np.asarray(C.values).reshape(-1).astype(values.dtype))
+    return np.asarray(C.values).reshape(-1).astype(layer.W.dtype)
 
 
-@functools.cache
-def _bias_supported() -> bool:
-    """Whether the installed onnxruntime's MatMulNBits schema has the optional ``bias`` input (1.20+)."""
-    try:
-        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
-        schemas = [s for s in ort_state.get_all_operator_schema() if s.name == "MatMulNBits"]
-    except (ImportError, AttributeError):
-        return False
-    return any(i.name == "bias" for s in schemas for i in s.inputs)
-
-
-def find_layers(graph: gs.Graph, config: QuantizeMatMulNBitsConfig) -> tuple[list[Layer], list[LayerChange]]:
-    """The MatMul/Gemm nodes to quantize, and the skipped ones with reasons."""
+def find_nbits_layers(graph: gs.Graph, config: QuantizeMatMulNBitsConfig) -> tuple[list[Layer], list[LayerChange]]:
+    """The MatMul/Gemm layers to quantize, and the skipped ones with reasons."""
     names = {node.name for node in graph.nodes}
     for given in (config.only or []) + (config.exclude or []):
         if given not in names:
             raise OnnxlrError(f"no node named {given!r} to quantize or exclude")
-    readers: dict[str, list[gs.Node]] = defaultdict(list)
-    for node in graph.nodes:
-        for tensor in node.inputs:
-            readers[tensor.name].append(node)
-
-    candidates, skipped = [], []
-    for node in graph.nodes:
-        if node.op not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx", None):
-            continue
+    layers, skipped = find_layers(graph)
+    candidates = []
+    for layer in layers:
+        node = layer.node
         if config.only is not None and node.name not in config.only:
-            found = "not among the nodes selected to quantize"
+            reason = "not among the nodes selected to quantize"
         elif node.name in (config.exclude or []):
-            found = "excluded by the config"
+            reason = "excluded by the config"
         else:
-            found = match_layer(node)
-            if isinstance(found, Layer):
-                found = _check_size(found, config)
-        if isinstance(found, Layer):
-            candidates.append(found)
+            form = nbits_form(layer)
+            reason = form if isinstance(form, str) else _size_problem(layer, config)
+        if reason:
+            skipped.append(LayerChange(node.name, node.op, "skipped", reason))
         else:
-            skipped.append(LayerChange(node.name, node.op, "skipped", found))
-
+            candidates.append(layer)
     # A weight also read by a node left in float stays in the model: quantizing would add bytes.
-    sharing: dict[str, list[Layer]] = defaultdict(list)
+    kept_nodes = {id(layer.node) for layer in candidates}
+    left = {layer.weight.name: layer.node for layer in layers if id(layer.node) not in kept_nodes}
+    kept = []
     for layer in candidates:
-        sharing[layer.weight.name].append(layer)
-    layers = []
-    for name, group in sharing.items():
-        members = {id(layer.node) for layer in group}
-        others = [r for r in readers[name] if id(r) not in members]
-        if not others:
-            layers.extend(group)
+        other = left.get(layer.weight.name)
+        if other is None:
+            kept.append(layer)
             continue
-        reason = f"weight {name!r} is also read by {others[0].op} node {others[0].name!r}, which keeps it in float"
-        skipped.extend(LayerChange(layer.node.name, layer.node.op, "skipped", reason) for layer in group)
-    return layers, skipped
+        reason = f"weight {layer.weight.name!r} is also read by {other.op} node {other.name!r}, which keeps it in float"
+        skipped.append(LayerChange(layer.node.name, layer.node.op, "skipped", reason))
+    return kept, skipped
 
 
-def _check_size(layer: Layer, config: QuantizeMatMulNBitsConfig) -> Layer | str:
+def _size_problem(layer: Layer, config: QuantizeMatMulNBitsConfig) -> str:
     K, N = layer.W.shape
     if K * N < config.min_size:
         return f"weight has {K * N} values, fewer than the minimum {config.min_size}"
     if packed_bytes(K, N, config, layer.W.dtype) >= layer.W.nbytes:
         return f"K={K} is too small: the packed blocks and their scales would not be smaller than the weight"
-    return layer
+    return ""
 
 
 def packed_bytes(K: int, N: int, config: QuantizeMatMulNBitsConfig, dtype: np.dtype) -> int:
     """Bytes of B, scales and zero points for a (K, N) weight (the weight dtype sets the scales')."""
-    blocks = blockwise.n_blocks(K, config.block_size)
-    data = N * blocks * config.block_size * config.bits // 8
-    scales = N * blocks * np.dtype(dtype).itemsize
-    zero_points = 0 if config.symmetric else N * -(-blocks * config.bits // 8)
-    return data + scales + zero_points
+    return blockwise.matmulnbits_bytes(K, N, config.bits, config.block_size, config.symmetric, np.dtype(dtype).itemsize)
 
 
-def stats_tensors(graph: gs.Graph, config: QuantizeMatMulNBitsConfig) -> list[str]:
-    """Names of the tensors whose calibration statistics (Gram) the pass uses: the inputs X of the
-    layers it would quantize, when rounding is ``gptq`` or compensation is asked for; empty otherwise."""
-    if config.rounding != "gptq" and not config.compensation_rank:
-        return []
-    layers, _ = find_layers(graph, config)
-    return sorted({layer.node.inputs[0].name for layer in layers})
-
-
-class QuantizeMatMulNBits:
+class QuantizeMatMulNBits(Pass):
     """Block-wise n-bit quantization of MatMul/Gemm weights into ``com.microsoft.MatMulNBits``.
 
-    stats : calibration statistics keyed by the layers' input tensor names (``runtimes.stats``);
+    stats : calibration statistics keyed by the layers' input tensor names (:class:`onnxlr.statistics.Rows`);
         required by ``rounding="gptq"``, and with them every record gets the calibrated error.
     """
 
     name = "quantize_matmul_nbits"
-    stats_tensors = staticmethod(stats_tensors)
+    config_class = QuantizeMatMulNBitsConfig
 
     def __init__(self, config: QuantizeMatMulNBitsConfig | None = None,
                  stats: Mapping[str, TensorStats] | None = None):
-        self.config = config or QuantizeMatMulNBitsConfig()
+        super().__init__(config, stats)
         if self.config.rounding == "gptq" and stats is None:
             raise OnnxlrError("rounding 'gptq' needs calibration data (--calib)")
-        self.stats = stats or {}
+
+    def needs(self, graph: gs.Graph) -> list:
+        """The inputs X of the layers it quantizes, when rounding is ``gptq`` or compensation is asked for."""
+        if self.config.rounding != "gptq" and not self.config.compensation_rank:
+            return []
+        return [Rows(name) for name in sorted({layer.input.name for layer in find_nbits_layers(graph, self.config)[0]})]
 
     def run(self, graph: gs.Graph) -> PassRecord:
         record = PassRecord(self.name, config_dict(self.config))
-        layers, skipped = find_layers(graph, self.config)
+        layers, skipped = find_nbits_layers(graph, self.config)
         record.layers.extend(skipped)
         grams = self._weight_grams(layers)
         packed: dict[tuple[str, bool], tuple] = {}
@@ -255,7 +196,7 @@ class QuantizeMatMulNBits:
             X, Y = layer.node.inputs[0], layer.node.outputs[0]
             self._rewrite(graph, layer, constants)
             if compensation is not None:
-                add_low_rank_branch(graph, Y, X, *compensation, layer.node.name or layer.weight.name)
+                add_low_rank_branch(graph, Y, X, *compensation, layer.label)
         if layers:
             import_contrib_domain(graph)
         return record
@@ -309,10 +250,11 @@ class QuantizeMatMulNBits:
         node, c = layer.node, self.config
         K, N = layer.W.shape
         inputs = [node.inputs[0], *constants]
-        if layer.bias is not None:
+        bias = nbits_form(layer)
+        if bias is not None:
             # inputs are positional: zero points (absent when symmetric), g_idx (deprecated), bias
             inputs += [gs.Variable.empty()] * (4 - len(constants))
-            inputs.append(gs.Constant(unique_name(graph, f"{node.name or layer.weight.name}/bias"), layer.bias))
+            inputs.append(gs.Constant(unique_name(graph, f"{layer.label}/bias"), bias))
         attrs = {"K": K, "N": N, "bits": c.bits, "block_size": c.block_size}
         if c.accuracy_level:  # like ORT's quantizer: 0 is the op's default, left unwritten
             attrs["accuracy_level"] = c.accuracy_level

@@ -14,7 +14,7 @@ model, thread count, input shape, and the weight shapes and attributes of both s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -36,11 +36,14 @@ class LatencyGuard:
 
     shapes : input tensor name -> concrete shape (layers whose input shape is unknown are accepted
         unmeasured, and the reason says so).
+    rewrite : ``rewrite(graph, layer, candidate)``, the rewrite the pass applies
+        (:func:`onnxlr.passes.factorize_conv.rewrite`): the guard times what it builds.
     """
 
-    def __init__(self, shapes: Mapping[str, Sequence[int]], *, provider: str = "CPUExecutionProvider",
+    def __init__(self, shapes: Mapping[str, Sequence[int]], rewrite: Callable, *, provider: str = "CPUExecutionProvider",
                  threads: int = 1, repeats: int = 30, max_ratio: float = 1.0, cache: Path | None = DEFAULT_CACHE):
         self.shapes = dict(shapes)
+        self.rewrite = rewrite
         self.provider = provider
         self.threads = threads
         self.repeats = repeats
@@ -49,8 +52,6 @@ class LatencyGuard:
         self._cache = DiskCache(cache)  # key -> [ms before, ms after]
 
     def __call__(self, layer, candidate) -> tuple[bool, str]:
-        from onnxlr.passes.factorize_conv import rewrite  # the same rewrite the pass applies
-
         shape = self.shapes.get(layer.node.inputs[0].name)
         if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
             return True, "latency not checked: input shape unknown (give --dim for symbolic dimensions)"
@@ -58,7 +59,7 @@ class LatencyGuard:
         graph = gs.import_onnx(original)
         conv = graph.nodes[0]
         clone = type(layer)(conv, conv.inputs[1], layer.W)
-        rewrite(graph, clone, candidate)
+        self.rewrite(graph, clone, candidate)
         graph.cleanup().toposort()
         replaced = gs.export_onnx(graph)
         replaced.ir_version = original.ir_version

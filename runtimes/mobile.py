@@ -19,20 +19,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.tools.mobile_helpers import usability_checker as checker
-from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo, make_input_shape_fixed, optimize_model
 
 from onnxlr.errors import OnnxlrError
 from onnxlr.io import output_folder
-from onnxlr.runtimes.feeds import synthetic_feeds
+from onnxlr.feeds import synthetic_feeds
 
-# target name -> function(model with shape info, require fixed input shapes) -> PartitioningInfo
-TARGETS = {
-    "NNAPI": checker.check_nnapi_partitions,
-    "CoreML MLProgram": lambda m, fixed: checker.check_coreml_partitions(m, fixed, "coreml_supported_mlprogram_ops.md"),
-    "CoreML NeuralNetwork":
-        lambda m, fixed: checker.check_coreml_partitions(m, fixed, "coreml_supported_neuralnetwork_ops.md"),
-}
+# target name -> the ops list ORT's checker reads (None: NNAPI's own check)
+TARGETS = {"NNAPI": None, "CoreML MLProgram": "coreml_supported_mlprogram_ops.md",
+           "CoreML NeuralNetwork": "coreml_supported_neuralnetwork_ops.md"}
 _RANK = {"NO": 0, "MAYBE": 1, "YES": 2}
 
 
@@ -93,6 +87,10 @@ def usability(model: onnx.ModelProto | bytes | str | os.PathLike, *,
     dimension nothing is offloaded. ``assume_fixed_shapes`` is the tool's second check, the
     partitioning once the shapes are made fixed (``onnxruntime.tools.make_dynamic_shape_fixed``).
     """
+    # imported here: onnxruntime.tools imports torch when it is installed (a second or more)
+    from onnxruntime.tools.mobile_helpers import usability_checker as checker
+    from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo, optimize_model
+
     with _as_path(model) as path, tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "basic.onnx"
         # as analyze_model: basic level (what an .ort file bakes in), initializers kept outside
@@ -101,8 +99,9 @@ def usability(model: onnx.ModelProto | bytes | str | os.PathLike, *,
         shaped = ModelProtoWithShapeInfo(optimized).model_with_shape_info
     _work_around_checker(shaped.graph)
     results = []
-    for target, check in TARGETS.items():
-        info = check(shaped, not assume_fixed_shapes)
+    for target, ops in TARGETS.items():
+        info = (checker.check_nnapi_partitions(shaped, not assume_fixed_shapes) if ops is None
+                else checker.check_coreml_partitions(shaped, not assume_fixed_shapes, ops))
         # suitability() divides by the node count: an empty graph is simply nothing to offload
         verdict = info.suitability().name if info.num_nodes else "NO"
         results.append(Partitioning(target, info.num_nodes, info.num_supported_nodes, info.num_partitions,
@@ -147,6 +146,8 @@ class MobileCheck:
 def with_fixed_inputs(model: onnx.ModelProto | bytes, shapes: dict[str, list[int]]) -> onnx.ModelProto:
     """A copy of ``model`` whose inputs have the fixed ``shapes`` (the shapes it will be deployed with),
     as ``onnxruntime.tools.make_dynamic_shape_fixed`` does."""
+    from onnxruntime.tools.onnx_model_utils import make_input_shape_fixed
+
     proto = onnx.load_model_from_string(model) if isinstance(model, bytes) else onnx.ModelProto.FromString(
         model.SerializeToString())
     for name, shape in shapes.items():

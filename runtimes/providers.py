@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 
 import onnxruntime as ort
 
+# ONNX Runtime's own warnings (graph optimizers, onnx-graphsurgeon's folding sessions) are not the user's
+# business; onnxlr reports what matters.
+ort.set_default_logger_severity(3)
+
 from onnxlr.errors import OnnxlrError
 from onnxlr.runtimes import runner
 

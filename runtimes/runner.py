@@ -37,6 +37,29 @@ ALL = "all"
 NOT_DEVICES = {"AzureExecutionProvider": "calls a remote inference endpoint; not a local device"}
 
 
+# architecture families: a 32-bit userland on a 64-bit kernel of the same family is not emulated
+_FAMILY = {"x86_64": "x86", "amd64": "x86", "i386": "x86", "i686": "x86", "aarch64": "arm", "arm64": "arm",
+           "armv7l": "arm", "armv8l": "arm", "armv6l": "arm", "riscv64": "riscv", "ppc64le": "ppc", "s390x": "s390"}
+
+
+def emulation():
+    """What emulates this Python ("" on real hardware): the device wrapper's word (``ONNXLR_EMULATED``,
+    set by runtimes/build_arm64_device.sh), else QEMU user mode's tell: it fakes uname() for the guest
+    but not the kernel's own /proc/sys/kernel/arch."""
+    said = os.environ.get("ONNXLR_EMULATED", "")
+    if said:
+        return said
+    try:
+        with open("/proc/sys/kernel/arch") as f:
+            kernel = f.read().strip()
+    except OSError:  # not Linux, or a kernel without that file
+        return ""
+    machine = platform.machine()
+    if kernel and _FAMILY.get(kernel, kernel) != _FAMILY.get(machine, machine):
+        return f"user-mode emulation ({machine} on a {kernel} kernel)"
+    return ""
+
+
 def measure_latency(sessions, feeds, warmup=3, repeats=20):
     """Median and p90 wall time (ms) of ``session.run(None, feeds)`` for each session in ``sessions``
     (label -> session), runs interleaved (A B A B …) after a warm-up so slow drifts of the machine hit
@@ -50,7 +73,8 @@ def measure_latency(sessions, feeds, warmup=3, repeats=20):
             start = time.perf_counter()
             session.run(None, feeds)
             times[label].append((time.perf_counter() - start) * 1000.0)
-    return {label: {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "runs": len(t)}
+    return {label: {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "runs": len(t),
+                    "times_ms": [round(x, 6) for x in t]}
             for label, t in times.items()}
 
 
@@ -82,6 +106,9 @@ def session(model, provider, options=None, threads=1, profile_prefix=None):
     so.intra_op_num_threads = 1 if provider == "XnnpackExecutionProvider" else threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # Sessions are timed interleaved (measure_latency): a spinning idle pool of one session would keep a
+    # core from the next (8 sessions of MiniLM: fp32 timed 3.2x slower with spinning on).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
@@ -103,12 +130,38 @@ def batches(feeds, batch_size):
         yield {k: v[start:start + batch_size] for k, v in feeds.items()}
 
 
+def dense(value):
+    """An output as an array: a tensor as it is; a sequence of maps (a ZipMap's class probabilities) as
+    the (rows, keys) matrix of its values over the sorted keys; a sequence of tensors stacked (or joined
+    flat when their shapes differ); a map by sorted key; an absent optional as an empty array."""
+    if isinstance(value, np.ndarray):
+        return value
+    if value is None:
+        return np.zeros(0, np.float32)
+    if isinstance(value, dict):
+        return np.asarray([value[k] for k in sorted(value)])
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, dict) for v in value):
+            keys = sorted(value[0])
+            return np.asarray([[row[k] for k in keys] for row in value])
+        arrays = [np.asarray(v) for v in value]
+        if arrays and all(a.shape == arrays[0].shape for a in arrays):
+            return np.stack(arrays)
+        return np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
+    return np.asarray(value)
+
+
 def _run_all(sess, feeds, batch_size):
     names = [o.name for o in sess.get_outputs()]
-    chunks = [sess.run(None, batch) for batch in batches(feeds, batch_size)]
+    chunks = [[dense(v) for v in sess.run(None, batch)] for batch in batches(feeds, batch_size)]
     if len(chunks) == 1:
         return dict(zip(names, chunks[0]))
     return {name: np.concatenate([np.atleast_1d(c[i]) for c in chunks]) for i, name in enumerate(names)}
+
+
+def output_kinds(sess):
+    """Output name -> its ONNX type, for the outputs that are not tensors (compared as :func:`dense`)."""
+    return {o.name: o.type for o in sess.get_outputs() if not str(o.type).startswith("tensor")}
 
 
 def profile_nodes(models, provider, options, threads, feeds, runs, warmup=3):
@@ -156,10 +209,13 @@ def run(models, feeds, providers=ALL, provider_options=None, threads=1, batch_si
     provider_options : provider name -> its options (e.g. ``{"OpenVINOExecutionProvider":
         {"device_type": "CPU"}}``).
     Outputs cover all of ``feeds`` (arrays with a common axis 0, run ``batch_size`` rows at a time);
-    latency and the profile (``profile_runs`` > 0) use the first batch. Returns a JSON-able dict with
-    arrays left as numpy arrays (:func:`encode` turns them into text).
+    latency and the profile (``profile_runs`` > 0) use the first batch. Under emulation (:func:`emulation`)
+    nothing is timed or profiled: an emulated CPU's times say nothing of the device's (QEMU emulates
+    float lanes in software: int8 looked 5x faster than fp32 where the real CPU ran it 4x slower).
+    Returns a JSON-able dict with arrays left as numpy arrays (:func:`encode` turns them into text).
     """
     available = ort.get_available_providers()
+    emulated = emulation()
     if providers == ALL:
         providers = list(available)
     first = next(batches(feeds, batch_size))
@@ -185,11 +241,14 @@ def run(models, feeds, providers=ALL, provider_options=None, threads=1, batch_si
                     # silently runs everything on the CPU: that is not a run on this provider.
                     raise RuntimeError(f"ONNX Runtime could not create {provider} with options "
                                        f"{result['options']} and fell back to CPU")
-                result["models"][label] = {"outputs": _run_all(sessions[label], feeds, batch_size)}
+                result["models"][label] = {"outputs": _run_all(sessions[label], feeds, batch_size),
+                                           "kinds": output_kinds(sessions[label])}
             except Exception as exc:  # ONNX Runtime raises its own exception types
                 result["failed"], result["reason"] = label, " ".join(str(exc).split())[:300]
                 break
         if result["failed"]:
+            continue
+        if emulated or not repeats:
             continue
         for label, latency in measure_latency(sessions, first, warmup, repeats).items():
             result["models"][label]["latency"] = latency
@@ -198,7 +257,7 @@ def run(models, feeds, providers=ALL, provider_options=None, threads=1, batch_si
             for label, nodes in profiles.items():
                 result["models"][label]["nodes"] = nodes
     return {"onnxruntime": ort.__version__, "python": platform.python_version(),
-            "machine": platform.platform(), "available": available, "results": results}
+            "machine": platform.platform(), "emulated": emulated, "available": available, "results": results}
 
 
 def encode(response):

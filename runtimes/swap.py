@@ -17,33 +17,17 @@ from __future__ import annotations
 
 import copy
 
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from onnxlr.graph import export_model, import_graph, unique_name
-from onnxlr.runtimes.compare import _cosine, kl_softmax
+from onnxlr.compare import DIVERGENCES
 from onnxlr.runtimes.providers import make_session
 
 WeightKey = tuple[str, bool]  # (weight initializer name, stored transposed: Gemm transB=1)
-
-
-def rel_l2(ref: np.ndarray, out: np.ndarray) -> float:
-    """``||out - ref||² / ||ref||²`` over the whole tensor."""
-    den = float(np.sum(ref * ref))
-    return float(np.sum((out - ref) ** 2) / den) if den > 0 else float(np.sum((out - ref) ** 2))
-
-
-def cosine_gap(ref: np.ndarray, out: np.ndarray) -> float:
-    """One minus the mean per-sample (axis 0) cosine."""
-    return float(1.0 - _cosine(ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1)).mean())
-
-
-DIVERGENCES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "rel_l2": rel_l2, "kl": kl_softmax, "cosine": cosine_gap,
-}
 
 
 def swappable_model(model: onnx.ModelProto, layers: Sequence) -> tuple[onnx.ModelProto, dict[WeightKey, tuple[str, str]]]:

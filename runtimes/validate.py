@@ -10,19 +10,20 @@ Runtime's static partition analysis instead (:mod:`onnxlr.runtimes.mobile`).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from onnxlr.errors import OnnxlrError
 from onnxlr.io import has_external_data
-from onnxlr.runtimes import compare as cmp
+from onnxlr import compare as cmp
 from onnxlr.runtimes import fusions, mobile, profiling
 from onnxlr.runtimes import latency as lat
 from onnxlr.runtimes.devices import Device
-from onnxlr.runtimes.feeds import check_finite_outputs
-from onnxlr.runtimes.providers import ALL, not_in_build, parse_provider_specs
+from onnxlr.runtimes.providers import ALL, default_threads, make_session, not_in_build, parse_provider_specs
 from onnxlr.runtimes.runner import batches
 
 ModelSource = bytes | str | os.PathLike
@@ -48,12 +49,26 @@ class ProviderResult:
     onnxruntime: str = ""  # version on that device
     options: dict[str, str] = field(default_factory=dict)
     profile: profiling.ProfileSummary | None = None
+    emulated: str = ""  # what emulates the device ("qemu-aarch64 neoverse-n1"): outputs count, no timing
 
     @property
     def speedup(self) -> float | None:
         if self.latency_original and self.latency_optimized:
             return self.latency_original.median_ms / self.latency_optimized.median_ms
         return None
+
+    @property
+    def speedup_noise(self) -> float | None:
+        """Relative noise of :attr:`speedup` in this run (:func:`onnxlr.runtimes.latency.speedup_noise`)."""
+        if self.latency_original and self.latency_optimized:
+            return lat.speedup_noise(self.latency_original, self.latency_optimized)
+        return None
+
+    @property
+    def within_noise(self) -> bool:
+        """The speed-up (or slow-down) is no larger than the run's noise."""
+        noise = self.speedup_noise
+        return noise is not None and abs(np.log(self.speedup)) <= np.log1p(noise)
 
 
 @dataclass
@@ -100,13 +115,8 @@ def validate_models(
         response = device.run(models, feeds, providers=names, provider_options=options, threads=threads,
                               batch_size=batch_size, warmup=warmup, repeats=repeats, profile_runs=profile_runs)
         for raw in response["results"]:
-            if device.is_local and raw["provider"] == "CPUExecutionProvider":  # the reference run
-                if raw["failed"] == "original":
-                    raise OnnxlrError(f"the original model fails on CPUExecutionProvider with these inputs: "
-                                      f"{raw['reason']}")
-                if "original" in raw["models"]:
-                    check_finite_outputs(raw["models"]["original"]["outputs"], inputs_label or "these inputs")
-            result = _provider_result(raw, device, response["onnxruntime"])
+            result = _provider_result(raw, device, response["onnxruntime"], inputs_label)
+            result.emulated = response.get("emulated", "")
             if result.profile:
                 warning = profiling.fallback_warning(result.profile, f"{result.provider} ({device.label})")
                 if warning:
@@ -134,8 +144,14 @@ def validate_models(
     )
 
 
-def _provider_result(raw: dict, device: Device, version: str) -> ProviderResult:
-    """One provider's runner result, compared: outputs of the optimized model against the original's."""
+def _provider_result(raw: dict, device: Device, version: str, inputs_label: str) -> ProviderResult:
+    """One provider's runner result, compared: outputs of the optimized model against the original's.
+    The local CPU run is the reference: an original that fails there, or gives NaN/Inf, is an error."""
+    if device.is_local and raw["provider"] == "CPUExecutionProvider":
+        if raw["failed"] == "original":
+            raise OnnxlrError(f"the original model fails on CPUExecutionProvider with these inputs: {raw['reason']}")
+        if "original" in raw["models"]:
+            check_finite_outputs(raw["models"]["original"]["outputs"], inputs_label or "these inputs")
     build = "this onnxruntime build" if device.is_local else f"the onnxruntime {version} of device {device.label!r}"
     result = ProviderResult(raw["provider"], raw["available"], device=device.label, onnxruntime=version,
                             options=raw["options"])
@@ -153,9 +169,11 @@ def _provider_result(raw: dict, device: Device, version: str) -> ProviderResult:
     mismatch = _output_mismatch(reference, produced)
     if mismatch:
         raise OnnxlrError(f"the models cannot be compared: {mismatch}")
-    result.outputs = [cmp.compare(name, reference[name], produced[name]) for name in reference]
-    result.latency_original = lat.Latency(**ran["original"]["latency"])
-    result.latency_optimized = lat.Latency(**ran["optimized"]["latency"])
+    kinds = ran["original"].get("kinds", {})
+    result.outputs = [cmp.compare(name, reference[name], produced[name], kinds.get(name, "tensor")) for name in reference]
+    if "latency" in ran["original"]:  # not timed on an emulated device
+        result.latency_original = lat.Latency(**ran["original"]["latency"])
+        result.latency_optimized = lat.Latency(**ran["optimized"]["latency"])
     if "nodes" in ran["original"]:
         result.profile = profiling.summarize(ran["original"]["nodes"], ran["optimized"]["nodes"], result.provider)
     return result
@@ -187,3 +205,52 @@ def _output_mismatch(reference: dict[str, np.ndarray], produced: dict[str, np.nd
         if ref.shape != produced[name].shape:
             return f"output {name!r} has shape {list(ref.shape)} vs {list(produced[name].shape)}"
     return ""
+
+
+def check_original_outputs(model, feeds: dict[str, np.ndarray], source: str,
+                           threads: int | None = None, batch_size: int = 8) -> None:
+    """Run ``model`` (a ModelProto, or the path of a file ONNX Runtime opens itself) on CPU over the
+    first batch of ``feeds`` (``batch_size`` rows along axis 0) and raise OnnxlrError when it cannot
+    run in this ONNX Runtime (an opset or IR version it does not take, inputs it refuses…), or when an
+    output holds NaN or Inf (:func:`check_finite_outputs`). Meant to run before any rewriting, to fail
+    in seconds rather than after it; validation checks every output of the original again. ``source``
+    says where the inputs came from."""
+    try:
+        opened = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+        session = make_session(opened, "CPUExecutionProvider", threads or default_threads())
+        names = [o.name for o in session.get_outputs()]
+        counts = {name: [0, 0, 0] for name in names}  # output -> [NaN, Inf, values]
+        for name, value in zip(names, session.run(None, next(batches(feeds, batch_size)))):
+            counts[name] = [t + c for t, c in zip(counts[name], _nonfinite(value))]
+    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, …)
+        detail = _ORT_PREFIX.sub("", " ".join(str(exc).split()))
+        raise OnnxlrError(f"the original model cannot run in ONNX Runtime {ort.__version__} on {source}: "
+                          f"{detail[:300]}") from None
+    _raise_if_nonfinite(counts, source)
+
+
+def check_finite_outputs(outputs: dict[str, np.ndarray], source: str) -> None:
+    """Raise OnnxlrError when an output of the original model holds NaN or Inf: the original is then
+    broken on these inputs and no comparison against it means anything."""
+    _raise_if_nonfinite({name: _nonfinite(value) for name, value in outputs.items()}, source)
+
+
+def _nonfinite(value) -> list[int]:
+    """[NaN count, Inf count, size] of one output."""
+    value = np.asarray(value)
+    if not np.issubdtype(value.dtype, np.floating):
+        return [0, 0, value.size]
+    return [int(np.count_nonzero(np.isnan(value))), int(np.count_nonzero(np.isinf(value))), value.size]
+
+
+def _raise_if_nonfinite(counts: dict[str, list[int]], source: str) -> None:
+    bad = [(name, c) for name, c in counts.items() if c[0] or c[1]]
+    if bad:
+        name, (nan, inf, size) = bad[0]
+        raise OnnxlrError(f"the original model produces NaN/Inf in output {name!r} on {source} "
+                          f"({nan + inf} of {size} values are not finite: {nan} NaN, {inf} Inf); "
+                          f"fix the model or the inputs before compressing it")
+
+
+# "[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/…/file.cc:123 void ns::Function(args…) " before the message
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (\S+:\d+ [^(]*\([^)]*\) )?")

@@ -193,6 +193,13 @@ def eval_feeds(text_paths):
     return text.load(text_paths[1])
 
 
+def message_lines(err: str) -> list[str]:
+    """The lines of the CLI's stderr other than its progress lines (``[onnxlr] 1.2 s  calibration``)."""
+    from onnxlr.progress import PREFIX
+
+    return [line for line in err.strip().splitlines() if not line.startswith(PREFIX)]
+
+
 def user_error_line(capsys, argv) -> str:
     """Run the CLI on ``argv`` and check it failed as a user error: exit 2, exactly one stderr line
     ``onnxlr: error: …``, no traceback. Returns that line."""
@@ -201,8 +208,49 @@ def user_error_line(capsys, argv) -> str:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
+    lines = message_lines(err)
     assert len(lines) == 1, err
     assert lines[0].startswith("onnxlr: error: "), err
     assert "Traceback" not in out + err
     return lines[0]
+
+
+# ------------------------------------------------------- statistics through the calibration service
+
+
+def calibration_stats(model, calib, *, samples=None, batch_size=8, embeddings=False):
+    """``(statistics of every MatMul/Gemm input, token counts of the embedding tables when asked)``: what
+    the factorization passes read, collected by the calibration service."""
+    from onnxlr.graph import import_graph
+    from onnxlr.matching import find_layers, find_tables
+    from onnxlr.statistics import Rows, TokenCounts
+
+    graph = import_graph(model)
+    rows = [Rows(layer.input.name) for layer in find_layers(graph)[0]]
+    counts = [TokenCounts(t.indices.name, t.table.values.shape[0]) for t in find_tables(graph)[0]] if embeddings else []
+    found = statistics_service(model, calib, samples=samples, batch_size=batch_size).collect(model, rows + counts)
+    return {r.key: found[r.key] for r in rows}, {c.key: found[c.key] for c in counts}
+
+
+def output_sensitivities(model, calib, *, probes=32):
+    """Each MatMul/Gemm output unit's effect on the model output, from the calibration service."""
+    from onnxlr.graph import import_graph
+    from onnxlr.matching import find_layers
+
+    outputs = sorted({layer.node.outputs[0].name for layer in find_layers(import_graph(model))[0]})
+    return statistics_service(model, calib).sensitivity(model, outputs, probes=probes)
+
+
+def tensor_stats(model, tensors, calib):
+    """Statistics of ``tensors``: channel vectors for a tensor a Conv reads, rows of the last axis else."""
+    from onnxlr.statistics import ChannelRows, Rows
+
+    conv_inputs = {node.input[0] for node in model.graph.node if node.op_type == "Conv"}
+    requests = [(ChannelRows if t in conv_inputs else Rows)(t) for t in tensors]
+    return statistics_service(model, calib).collect(model, requests)
+
+
+def statistics_service(model, calib, **options):
+    from onnxlr.runtimes.calibration import StatisticsService
+
+    return StatisticsService.of(model, calib, **options)

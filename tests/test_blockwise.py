@@ -10,9 +10,9 @@ import onnxlr.io
 from onnxlr import blockwise, linalg
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import import_graph
-from onnxlr.passes.quantize_nbits import QuantizeMatMulNBits, QuantizeMatMulNBitsConfig, stats_tensors
+from onnxlr.passes.quantize_nbits import QuantizeMatMulNBits, QuantizeMatMulNBitsConfig
 from onnxlr.pipeline import PassManager
-from onnxlr.runtimes.stats import TensorStats
+from onnxlr.statistics import TensorStats
 
 # (K, N, block_size): K a multiple of the block, K with a partial last block, K below one block
 SHAPES = [(64, 12, 32), (70, 5, 16), (20, 6, 32), (256, 9, 128)]
@@ -248,8 +248,8 @@ def test_gptq_pass_records_a_lower_calibrated_error_than_nearest():
                               [numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(W2, "W2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     config = QuantizeMatMulNBitsConfig(rounding="gptq", min_size=0)
-    assert stats_tensors(import_graph(model), config) == ["h", "x"]
-    assert stats_tensors(import_graph(model), QuantizeMatMulNBitsConfig()) == []
+    assert [r.tensor for r in QuantizeMatMulNBits(config, {}).needs(import_graph(model))] == ["h", "x"]
+    assert QuantizeMatMulNBits(QuantizeMatMulNBitsConfig()).needs(import_graph(model)) == []
     X = correlated_inputs(rng, 1000, 128).astype(np.float32)
     stats = {"x": TensorStats.zeros(128)}  # no statistics for h: fc2 falls back to nearest
     stats["x"].update(X)
@@ -315,7 +315,7 @@ def test_bad_config_is_a_one_line_user_error(options, message):
 
 @pytest.mark.slow
 def test_gptq_on_minilm_layers_beats_nearest_and_keeps_the_embeddings(minilm_path, text_paths):
-    from onnxlr.api import calibration_stats
+    from conftest import calibration_stats
     from onnxlr.models import metrics, minilm, text
 
     model = onnxlr.io.load_model(minilm_path)

@@ -8,13 +8,15 @@ import onnxruntime as ort
 import pytest
 
 import onnxlr
-from onnxlr import rank_search
-from onnxlr.api import calibration_stats
+from onnxlr.planning import rank_search
+from conftest import calibration_stats
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import count_parameters, import_graph
-from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig, find_layers
+from onnxlr.matching import find_layers
+from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig
 from onnxlr.pipeline import PassManager
-from onnxlr.runtimes.compare import compare
+from onnxlr.compare import compare, parse_tolerance
+from onnxlr.factorization import Decomposer
 from onnxlr.runtimes.swap import SwapRunner
 from test_calibrated_pass import correlated_inputs
 from test_sequential import pooled_mlp
@@ -33,10 +35,10 @@ def test_swapped_weights_reproduce_the_rewritten_model(mlp_proto):
     stats, _ = calibration_stats(mlp_proto, calib)
     layers, _ = find_layers(import_graph(mlp_proto))
     config = FactorizeMatMulConfig(method="whitened", ranks={"fc1": 3, "fc2": 5})
-    factorize = FactorizeMatMul(config, stats)
+    decomposer = Decomposer(config.settings)
     built = PassManager([FactorizeMatMul(config, stats)]).run(mlp_proto)[0]
-    table = rank_search.level_table(layers, factorize.decompositions(layers))
-    candidates = rank_search.Candidates(factorize, layers, factorize.decompositions(layers), table)
+    table = rank_search.level_table(layers, decomposer.decompositions(layers, stats))
+    candidates = rank_search.Candidates(decomposer, layers, decomposer.decompositions(layers, stats), table)
     runner = SwapRunner(mlp_proto, layers, calib)
     weights = {key: candidates.weight(key, rank) for key, rank in ((("W1", False), 3), (("W2", True), 5))}
     got = runner.outputs(weights, 0)[0]
@@ -186,9 +188,9 @@ def test_kl_and_top1_tolerances():
     assert same.kl == pytest.approx(0.0, abs=1e-12) and same.top1 == 1.0
     flipped = compare("y", ref, ref[:, ::-1].copy())
     assert flipped.top1 == 0.0 and flipped.kl > 0.5
-    assert onnxlr.api.parse_tolerance("top1=0.99").holds(same)
-    assert not onnxlr.api.parse_tolerance("top1=0.99").holds(flipped)
-    assert not onnxlr.api.parse_tolerance("kl=0.1").holds(flipped)
+    assert parse_tolerance("top1=0.99").holds(same)
+    assert not parse_tolerance("top1=0.99").holds(flipped)
+    assert not parse_tolerance("kl=0.1").holds(flipped)
 
 
 def test_cli_allocator_writes_the_search_into_the_report(mlp_path, tmp_path, capsys):

@@ -3,6 +3,7 @@
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import message_lines
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxlr
@@ -108,7 +109,7 @@ def test_cli_calibrated_optimize_and_its_errors(mlp_path, tmp_path, capsys):
     for extra, needle in cases:
         target = tmp_path / "never.onnx"
         code = main(["optimize", str(mlp_path), "-o", str(target), "--rank-ratio", "0.5", *extra])
-        err = capsys.readouterr().err.strip().splitlines()
+        err = message_lines(capsys.readouterr().err)
         assert code == 2 and len(err) == 1 and needle in err[0], (extra, err)
         assert not target.exists()
 

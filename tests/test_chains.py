@@ -9,17 +9,20 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import message_lines
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from onnxlr.passes.compose_chains import ComposeChainsConfig, ComposeLinearChains
+from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig
+from onnxlr.passes.fold_constants import FoldConstants
+from onnxlr.passes.linear_chains import find_chains
 
 from onnxlr import api, chains, cli
 from onnxlr.chains import AffineMap
 from onnxlr.graph import import_graph
-from onnxlr.passes.compose_chains import ComposeChainsConfig, ComposeLinearChains, find_chains
-from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig
 from onnxlr.pipeline import PassManager
-from onnxlr.runtimes.stats import TensorStats
+from onnxlr.statistics import TensorStats
 
 OPSET = 17
 RTOL = 1e-4  # max|y' - y| <= RTOL * (1 + max|y|): float32 round-off through a recomposed chain
@@ -580,7 +583,7 @@ def test_a_weight_read_elsewhere_is_not_counted_as_saved():
 
 def test_stats_tensors_are_the_chain_inputs_and_float16_stays_float16():
     model = mlp([16, 64, 16])
-    assert ComposeLinearChains.stats_tensors(import_graph(model), ComposeChainsConfig()) == ["x"]
+    assert [r.tensor for r in ComposeLinearChains(ComposeChainsConfig()).needs(import_graph(model))] == ["x"]
     half = onnx.ModelProto()
     half.CopyFrom(model)
     for t in half.graph.initializer:
@@ -643,7 +646,7 @@ def test_cli_bad_chain_error_is_one_line(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save(mlp([16, 64, 16]), path)
     assert cli.main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--chains", "1.5"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = message_lines(capsys.readouterr().err)
     assert len(err) == 1 and "chain max error must be in [0, 1)" in err[0]
     assert not (tmp_path / "o.onnx").exists()
 
@@ -654,11 +657,11 @@ def test_cli_bad_chain_error_is_one_line(tmp_path, capsys):
 def test_ppocr_v4_detector_chains():
     """PP-OCRv4's detector (rapidocr-onnxruntime wheel) has four 1×1 conv → 1×1 conv chains in its
     neck; the 384→360→96 one composes to a dense 384→96 conv (173,160 → 36,960 parameters), exactly."""
-    from onnxlr.models import pypi_models, ppocr  # noqa: F401  (ppocr: the real page images)
+    from onnxlr.models import ppocr, pypi_models  # noqa: F401  (ppocr: the real page images)
     path = pypi_models.locate("ppocrv4_det")
     if path is None:
         pytest.skip("rapidocr-onnxruntime is not installed (ships ch_PP-OCRv4_det_infer.onnx)")
-    model = api.PassManager([api.FoldConstants()]).run(onnx.load(path))[0]
+    model = PassManager([FoldConstants()]).run(onnx.load(path))[0]
     found = find_chains(import_graph(model))
     assert [c.widths() for c in found] == [[48, 12, 96], [96, 18, 96], [192, 42, 96], [384, 360, 96]]
     optimized, [record] = compose_pass(model)

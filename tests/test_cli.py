@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import message_lines, user_error_line
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import user_error_line
 from onnxlr.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -316,7 +316,8 @@ def test_optimize_writes_checked_runnable_model(capsys, mlp_path, out_path, ort_
     code = main(["optimize", str(mlp_path), "-o", str(out_path), "--rank-ratio", "0.5", *FAST])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert err == ""
+    assert message_lines(err) == [], err
+    assert any(line.startswith("[onnxlr] ") for line in err.splitlines()), "no progress lines"
     onnx.checker.check_model(str(out_path), full_check=True)
     x = sample_x(8)
     (ref,), (got,) = ort_run(mlp_path, {"x": x}), ort_run(out_path, {"x": x})
@@ -470,7 +471,11 @@ def test_inspect_table(capsys, mlp_path):
     assert rows["fc1"][1:4] == ["MatMul", "32x48", "1,536"] and rows["fc1"][5] == "19.2"
     assert rows["fc2"][1:4] == ["Gemm", "48x24", "1,152"] and rows["fc2"][5] == "16.0"
     assert rows["fc1"][4] == "1,536"  # symbolic batch: one sample
-    assert "break-even" in out.splitlines()[0]
+    assert "break-even" in out.splitlines()[0] and "r@90%" in out.splitlines()[0]
+    main(["inspect", str(mlp_path), "--json"])
+    spectra = {layer["node"]: layer["rank_for_energy"] for layer in json.loads(capsys.readouterr().out)}
+    for name, row in rows.items():  # the ranks reaching 90% and 99% of the energy, as the JSON has them
+        assert [int(row[6]), int(row[7])] == [spectra[name]["0.9"], spectra[name]["0.99"]]
 
 
 def test_inspect_json(capsys, mlp_path):
@@ -556,3 +561,28 @@ def test_validate_models_with_different_output_shapes_is_a_user_error(capsys, tm
     other = tmp_path / "narrow.onnx"
     onnx.save(narrow, str(other))
     _usage_error(capsys, ["validate", mlp_path, other, *FAST], "'y'")
+
+
+def test_a_bug_in_a_pass_exits_3_with_one_line_and_the_traceback_in_a_file(capsys, mlp_path, out_path, monkeypatch):
+    """An unexpected exception inside a pass is onnxlr's bug, not a tolerance failure (exit 1) nor a user
+    error (exit 2): exit 3, one stderr line saying so and naming a file that holds the traceback;
+    ``--debug`` shows the traceback too. Nothing is written."""
+    from onnxlr.passes.factorize_matmul import FactorizeMatMul
+
+    def broken(self, graph):
+        raise ZeroDivisionError("deliberately failing pass")
+
+    monkeypatch.setattr(FactorizeMatMul, "run", broken)
+    argv = ["optimize", str(mlp_path), "-o", str(out_path), "--rank-ratio", "0.5", *FAST]
+    assert main(argv) == 3
+    lines = message_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith("onnxlr: internal error, a bug in onnxlr"), lines
+    assert "ZeroDivisionError: deliberately failing pass" in lines[0]
+    saved = Path(lines[0].rsplit("the traceback is in ", 1)[1])
+    assert "in broken" in saved.read_text() and "Traceback" in saved.read_text()
+    saved.unlink()
+    assert not out_path.exists()
+    assert main([*argv, "--debug"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    Path(message_lines(err)[-1].rsplit("the traceback is in ", 1)[1]).unlink()

@@ -205,6 +205,50 @@ def test_openvino_options_reach_the_provider(models):
     assert "fell back to CPU" in result["reason"]  # ORT would have run it all on the CPU, silently
 
 
+# --- an emulated ARM64 device (QEMU user mode) ---------------------------------------------------
+
+ARM64_PYTHON = os.environ.get("ONNXLR_ARM64_PYTHON")
+needs_arm64 = pytest.mark.skipif(
+    not ARM64_PYTHON, reason="needs ONNXLR_ARM64_PYTHON: the emulated ARM64 Python (make test builds .arm64)")
+
+
+def test_this_machine_is_not_emulated():
+    assert runner.emulation() == ""
+
+
+@needs_arm64
+def test_the_emulated_arm64_device_compares_outputs_and_times_nothing(tmp_path, mlp_path, models):
+    """ARM's kernels run the models (their outputs count: a result must agree there too), but an emulated
+    CPU's times are not the device's: no latency, no speed-up, and the report says why."""
+    blobs, feeds = models
+    optimized = tmp_path / "opt.onnx"
+    optimized.write_bytes(blobs["optimized"])
+    report = api.validate(mlp_path, optimized, devices=[ARM64_PYTHON], inputs=feeds, repeats=3)
+    by_device = {p.device: p for p in report.validation.providers if p.provider == "CPUExecutionProvider"}
+    local, arm = by_device["local"], by_device[ARM64_PYTHON]
+    assert arm.emulated.startswith("qemu-aarch64") and not local.emulated
+    assert arm.latency_original is None and arm.speedup is None and local.speedup > 0
+    assert arm.outputs[0].rel_l2 == pytest.approx(local.outputs[0].rel_l2, rel=1e-4, abs=1e-7)
+    assert f"emulated ({arm.emulated}): outputs compared, latency not measured" in report.format()
+    written = report.to_dict()["validation"]["providers"]
+    assert [p["emulated"] for p in written if p["device"] == ARM64_PYTHON] == [arm.emulated]
+
+
+@needs_arm64
+def test_an_int8_model_agrees_on_arm_kernels(tmp_path, mlp_path):
+    """ARM's integer kernels (no VNNI; other u8/s8 paths) give the int8 result the x86 ones give."""
+    calib = {"x": np.random.default_rng(1).standard_normal((64, 32)).astype(np.float32)}
+    inputs = {"x": np.random.default_rng(2).standard_normal((16, 32)).astype(np.float32)}
+    int8, _ = api.optimize(mlp_path, recipe="int8", calib=calib, validate=False)
+    path = tmp_path / "int8.onnx"
+    onnx.save(int8, path)
+    response = Device.parse(ARM64_PYTHON).run({"model": path.read_bytes()}, inputs, providers=["CPUExecutionProvider"])
+    arm = response["results"][0]["models"]["model"]["outputs"]["y"]
+    local = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+    assert response["emulated"].startswith("qemu-aarch64")
+    np.testing.assert_allclose(arm, local, rtol=0, atol=1e-4 * float(np.abs(local).max()))
+
+
 # --- CUDA where present ---------------------------------------------------------------------------
 
 @pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),

@@ -13,7 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxlr
 from onnxlr import conv_factors as cf
 from onnxlr.errors import OnnxlrError
-from onnxlr.passes.factorize_conv import FactorizeConv, FactorizeConvConfig, candidates
+from onnxlr.conv_factors import candidates
+from onnxlr.passes.factorize_conv import FactorizeConv, FactorizeConvConfig, rewrite
 from onnxlr.pipeline import PassManager
 from onnxlr.runtimes import latency_guard as lg
 
@@ -125,7 +126,7 @@ def test_data_aware_fits_beat_plain_ones_on_the_calibration_data(decomposition):
 
 
 def test_rank_rounding_keeps_most_of_the_rank():
-    from onnxlr.passes.factorize_conv import _round
+    from onnxlr.conv_factors import _round
 
     assert _round(70.4, 8, 100) == 64 and _round(15.2, 8, 100) == 15 and _round(0.4, 8, 100) == 1
     assert _round(70, 8, 50) == 48 and _round(7, 1, 100) == 7
@@ -182,18 +183,18 @@ def test_latency_guard_measures_once_caches_and_falls_back(tmp_path, monkeypatch
 
     monkeypatch.setattr(lg.LatencyGuard, "_measure", fake)
     cache = tmp_path / "latency.json"
-    guard = lg.LatencyGuard({"x": [1, 16, 16, 16]}, cache=cache)
+    guard = lg.LatencyGuard({"x": [1, 16, 16, 16]}, rewrite, cache=cache)
     _, records = PassManager([FactorizeConv(FactorizeConvConfig(param_ratio=0.4), accept=guard)]).run(model)
     details = records[0].rewritten[0].details
     assert details["decomposition"] == "tucker2" and "0.50x" in details["latency"]["tucker2"]
     measured = len(calls)
     assert measured >= 1 and cache.exists()
-    again = lg.LatencyGuard({"x": [1, 16, 16, 16]}, cache=cache)
+    again = lg.LatencyGuard({"x": [1, 16, 16, 16]}, rewrite, cache=cache)
     PassManager([FactorizeConv(FactorizeConvConfig(param_ratio=0.4), accept=again)]).run(model)
     assert len(calls) == measured  # every verdict came from the disk cache
 
     monkeypatch.setattr(lg.LatencyGuard, "_measure", lambda *a: (1.0, 2.0))
-    slow = lg.LatencyGuard({"x": [1, 16, 16, 16]}, cache=None)
+    slow = lg.LatencyGuard({"x": [1, 16, 16, 16]}, rewrite, cache=None)
     _, records = PassManager([FactorizeConv(FactorizeConvConfig(param_ratio=0.4), accept=slow)]).run(model)
     assert not records[0].rewritten and "not faster" in records[0].skipped[0].reason
 
@@ -201,12 +202,12 @@ def test_latency_guard_measures_once_caches_and_falls_back(tmp_path, monkeypatch
 def test_latency_guard_really_times_onnx_runtime():
     rng = np.random.default_rng(5)
     model = conv_model(rng.standard_normal((16, 8, 3, 3)), size=(12, 12), pads=[1, 1, 1, 1])
-    guard = lg.LatencyGuard({"x": [1, 8, 12, 12]}, cache=None, repeats=5)
+    guard = lg.LatencyGuard({"x": [1, 8, 12, 12]}, rewrite, cache=None, repeats=5)
     _, records = PassManager([FactorizeConv(FactorizeConvConfig(decomposition="channel", param_ratio=0.5),
                                             accept=guard)]).run(model)
     change = records[0].layers[0]
     assert " ms -> " in str(change.details["latency"]["channel"])
-    unknown = lg.LatencyGuard({}, cache=None)
+    unknown = lg.LatencyGuard({}, rewrite, cache=None)
     _, records = PassManager([FactorizeConv(FactorizeConvConfig(param_ratio=0.5), accept=unknown)]).run(model)
     assert "input shape unknown" in records[0].rewritten[0].details["latency"][records[0].rewritten[0].details["decomposition"]]
 
@@ -242,7 +243,7 @@ def test_onnx_backend_light_models_stay_equal_at_full_rank(index, name):
     import os
 
     from onnxlr.graph import import_graph
-    from onnxlr.passes.factorize_conv import find_convs
+    from onnxlr.matching import find_convs
     from onnxlr.passes.fold_constants import FoldConstants
 
     path = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", f"light_{name}.onnx")

@@ -58,15 +58,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import message_lines
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from onnxlr.passes.fold_constants import FoldConstants
+from onnxlr.passes.name_nodes import NameNodes
 
 from onnxlr import api, cli
 from onnxlr.graph import import_graph
-from onnxlr.passes.factorize_conv import find_convs
-from onnxlr.passes.factorize_matmul import find_layers
-from onnxlr.passes.fold_constants import FoldConstants
+from onnxlr.matching import find_convs, find_layers
 from onnxlr.pipeline import PassManager
 
 OPSET = 17
@@ -141,6 +142,8 @@ def graphs(draw, max_ops: int = 5) -> Built:
       groups dividing the channels, optional bias; the output must keep every spatial size >= 1;
     - Add of a constant broadcast over the last axis (or a scalar), Relu;
     - Reshape to (batch, features) or to a conv layout (batch given as 0 or -1), Flatten(axis=1).
+
+    Nodes are named uniquely, not named at all, or all given the same name.
     """
     batch = draw(st.sampled_from(["N", 1, 2, 3]))
     layout = draw(st.sampled_from(["2d", "3d", "4d"]))
@@ -151,6 +154,7 @@ def graphs(draw, max_ops: int = 5) -> Built:
     else:
         shape = [batch, draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(1, 6))]
     input_shape = list(shape)
+    naming = draw(st.sampled_from(["unique", "unnamed", "repeated"]))  # node names are optional in ONNX
     nodes, inits, ops = [], [], []
     current = "x"
 
@@ -167,7 +171,7 @@ def graphs(draw, max_ops: int = 5) -> Built:
         if rank in (3, 4):
             choices += ["Conv", "Conv"]
         op = draw(st.sampled_from(choices))
-        out, name = f"t{i}", f"n{i}_{op.lower()}"
+        out, name = f"t{i}", {"unique": f"n{i}_{op.lower()}", "unnamed": "", "repeated": "layer"}[naming]
         if op == "MatMul":
             n = draw(st.integers(1, 8))
             w = const(f"W{i}", draw(weights((shape[-1], n))))
@@ -315,10 +319,15 @@ def npz_arrays(draw) -> bytes:
 
 
 def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The outputs, from a copy whose nodes are named uniquely (ONNX Runtime refuses repeated names)."""
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    for i, node in enumerate(named.graph.node):
+        node.name = f"node{i}"
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(named.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
 
@@ -331,8 +340,9 @@ def assert_close(ref: list[np.ndarray], got: list[np.ndarray], what: str) -> Non
 
 
 def factorizable(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
-    """Names of the MatMul/Gemm layers and the Conv layers the passes can rewrite."""
-    graph = import_graph(PassManager([FoldConstants()]).run(model)[0])
+    """Names of the MatMul/Gemm layers and the Conv layers the passes can rewrite, as the optimizer names
+    them (unnamed and repeated names get names of their own first)."""
+    graph = import_graph(PassManager([NameNodes(), FoldConstants()]).run(model)[0])
     return {l.node.name for l in find_layers(graph)[0]}, {l.node.name for l in find_convs(graph)[0]}
 
 
@@ -345,7 +355,8 @@ def full_rank_options(model: onnx.ModelProto) -> dict:
 
 
 def rewritten(report) -> list[str]:
-    return [c.node for record in report.passes for c in record.rewritten]
+    """The layers rewritten (the nodes only given a name of their own aside)."""
+    return [c.node for record in report.passes if record.name != "name_nodes" for c in record.rewritten]
 
 
 def initializers(model: onnx.ModelProto) -> dict[str, bytes]:
@@ -487,7 +498,7 @@ def check_cli(folder: Path, argv: list[str], inputs: list[Path], output: Path) -
     code, err = run_cli(argv)
     assert code in (0, 2), f"exit code {code}; stderr: {err!r}"
     if code == 2:
-        lines = err.strip().splitlines()
+        lines = message_lines(err)
         assert len(lines) == 1 and lines[0].startswith("onnxlr: error: "), f"stderr is not one error line: {err!r}"
         assert set(out_dir.iterdir()) == listed, f"left behind: {sorted(set(out_dir.iterdir()) - listed)}"
     else:
@@ -583,7 +594,7 @@ def _assert_user_error(argv: list[str], out_dir: Path) -> None:
     listed = set(out_dir.iterdir())
     code, err = run_cli(argv)
     assert code == 2, f"exit code {code}; stderr {err!r}"
-    lines = err.strip().splitlines()
+    lines = message_lines(err)
     assert len(lines) == 1 and lines[0].startswith("onnxlr: error: "), err
     assert set(out_dir.iterdir()) == listed
 

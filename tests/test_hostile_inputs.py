@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import message_lines, user_error_line
 from onnx import helper
 
-from conftest import user_error_line
-from onnxlr import api
 from onnxlr.cli import main
+from onnxlr.planning.factorize import Factorizer
 
 FAST = ["--repeats", "2"]
 
@@ -116,7 +116,7 @@ def test_opset_onnx_runtime_cannot_run(capsys, tmp_path, build_mlp, monkeypatch)
     """onnx could take the opset (simulated: a newer onnx), ONNX Runtime cannot: refused before any rewrite."""
     newest = onnx.defs.onnx_opset_version()
     monkeypatch.setattr(onnx.defs, "onnx_opset_version", lambda: newest + 5)
-    monkeypatch.setattr(api, "_factorize", _must_not_run)
+    monkeypatch.setattr(Factorizer, "build", _must_not_run)
     path = _stamped(tmp_path, build_mlp, opset=newest + 1)
     _refused(capsys, ["optimize", path, "-o", tmp_path / "out.onnx", *FAST], "cannot run in ONNX Runtime",
              f"Opset {newest + 1}", folder=tmp_path, keep=(path,))
@@ -313,7 +313,7 @@ def test_read_only_output_folder_by_permissions(capsys, tmp_path, mlp_path, monk
     out_dir.mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == out_dir else real_access(p, mode, **kw))
-    monkeypatch.setattr(api, "_factorize", _must_not_run)  # refused before the slow work
+    monkeypatch.setattr(Factorizer, "build", _must_not_run)  # refused before the slow work
     _refused(capsys, ["optimize", mlp_path, "-o", out_dir / "out.onnx", *FAST], "not writable",
              folder=tmp_path, keep=(mlp_path,))
 
@@ -327,7 +327,7 @@ def test_output_folder_refuses_new_files(capsys, tmp_path, mlp_path, monkeypatch
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    monkeypatch.setattr(api, "_factorize", _must_not_run)
+    monkeypatch.setattr(Factorizer, "build", _must_not_run)
     _refused(capsys, ["optimize", mlp_path, "-o", tmp_path / "out.onnx", *FAST], needle, folder=tmp_path,
              keep=(mlp_path,))
 
@@ -361,7 +361,7 @@ def test_disk_full_while_writing_the_report(capsys, tmp_path, mlp_path, monkeypa
     code = main([str(a) for a in ["optimize", mlp_path, "-o", tmp_path / "out.onnx", "--report",
                                   tmp_path / "r.json", *FAST]])
     out, err = capsys.readouterr()
-    assert code == 2 and err.strip().splitlines() == [err.strip()] and "no space left" in err, err
+    assert code == 2 and len(message_lines(err)) == 1 and "no space left" in err, err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "out.onnx"]
 
@@ -389,7 +389,7 @@ def _nan_model(path: Path, build_mlp) -> Path:
 def test_original_with_nan_outputs_is_refused_before_rewriting(capsys, tmp_path, build_mlp, monkeypatch,
                                                                with_inputs):
     path = _nan_model(tmp_path / "broken.onnx", build_mlp)
-    monkeypatch.setattr(api, "_factorize", _must_not_run)
+    monkeypatch.setattr(Factorizer, "build", _must_not_run)
     extra = []
     if with_inputs:
         np.savez(tmp_path / "in.npz", x=_xs(20))
@@ -398,7 +398,7 @@ def test_original_with_nan_outputs_is_refused_before_rewriting(capsys, tmp_path,
                     "original model produces NaN/Inf in output 'y'", folder=tmp_path, keep=(path,))
     assert ("in.npz" if with_inputs else "synthetic inputs") in line
     if with_inputs:
-        assert "of 480 values" in line  # counted over every batch, not only the first
+        assert "of 192 values" in line  # the first batch (8 of 20 rows): checked in seconds, before any work
 
 
 def test_validate_against_an_original_with_nan_outputs(capsys, tmp_path, build_mlp, mlp_path):
@@ -424,6 +424,6 @@ def test_output_over_the_inputs_external_data_is_refused(capsys, tmp_path, tiny_
     (tmp_path / "other" / "ext.onnx.data").symlink_to(tmp_path / "ext.onnx.data")
     for out in (tmp_path / "ext.onnx.data", tmp_path / "other" / "ext.onnx"):
         assert main(["optimize", str(src), "-o", str(out), "--rank-ratio", "0.5", "--external-data"]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
+        err = message_lines(capsys.readouterr().err)
         assert len(err) == 1 and "would overwrite the input's external data ext.onnx.data" in err[0]
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before

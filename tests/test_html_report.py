@@ -152,3 +152,30 @@ def test_cli_html_in_a_missing_folder_fails_before_the_work(tmp_path, mlp_path, 
     assert main(["optimize", str(mlp_path), "-o", str(out), "--html", str(tmp_path / "no" / "r.html")]) == 2
     err = capsys.readouterr().err
     assert "cannot write the HTML report" in err and not out.exists()
+
+
+def test_settings_skipped_layers_and_an_alarming_value_are_shown(driver, tmp_path, mlp_path, sample_x):
+    """A run with no --max-error whose output drifts far (every layer at rank 1), and a layer left dense
+    by its per-layer rank: the page shows the settings, every skipped layer with its reason, and the
+    alarming worst-sample cosine highlighted (red), with the alarms on top."""
+    _, result = api.optimize(mlp_path, calib={"x": sample_x(32, seed=1)}, inputs={"x": sample_x(16)},
+                             ranks={"fc1": 1, "W2": 0}, providers="cpu", **FAST)
+    report = json.loads(result.to_json())
+    cpu = report["validation"]["providers"][0]
+    assert cpu["outputs"][0]["cosine_min"] < 0.9 and report["alarms"]  # the case the page must flag
+    _open(driver, tmp_path, report)
+    settings = {tuple(c.text for c in row.find_elements("tag name", "td"))
+                for row in driver.find_elements("css selector", "#settings tbody tr")}
+    assert ("recipe", "", "lowrank") in settings
+    assert any(group == "rank" and key == "ranks" and "fc1" in value for group, key, value in settings)
+    assert any(group == "validation" and key == "providers" for group, key, _ in settings)
+    skipped = [[c.text for c in row.find_elements("tag name", "td")]
+               for row in driver.find_elements("css selector", "#skipped tbody tr")]
+    assert ["factorize_matmul", "fc2", "Gemm", "kept dense by the rank allocation (rank 0)"] in skipped
+    alarmed = driver.find_elements("css selector", "#providers td.alarm")
+    assert alarmed and float(alarmed[-1].text) == pytest.approx(cpu["outputs"][0]["cosine_min"], abs=1e-4)
+    colour = driver.execute_script("return getComputedStyle(arguments[0]).color", alarmed[-1])
+    red, green, blue = (int(v) for v in re.findall(r"\d+", colour)[:3])
+    assert red > 150 and green < 100 and blue < 100, colour
+    box = driver.find_element("id", "alarms")
+    assert box.is_displayed() and "worst per-sample cosine" in box.text and "No --max-error" in box.text

@@ -132,7 +132,6 @@ def test_solver_choice_is_automatic_and_reported():
 
 
 def test_factorize_pass_reports_the_solver(tmp_path):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     import onnxlr

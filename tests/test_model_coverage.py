@@ -36,7 +36,7 @@ from onnx import numpy_helper
 from onnxlr import api
 from onnxlr.models import pypi_models
 from onnxlr.passes.factorize_matmul import DATA_AWARE, METHODS
-from onnxlr.runtimes.feeds import synthetic_feeds
+from onnxlr.feeds import synthetic_feeds
 
 LAYER_OPS = {"MatMul", "Gemm", "Conv"}
 FULL_RANK_RTOL = 1e-3

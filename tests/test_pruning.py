@@ -12,10 +12,11 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxlr import linalg, pruning
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import import_graph
-from onnxlr.passes.prune import (PruneStructured, PruneStructuredConfig, PruneUnstructured,
-                                 PruneUnstructuredConfig, channel_rows)
+from onnxlr.passes.prune_structured import PruneStructured, PruneStructuredConfig
+from onnxlr.passes.prune_unstructured import PruneUnstructured, PruneUnstructuredConfig
 from onnxlr.pipeline import PassManager
 from onnxlr.runtimes.stats import collect_stats, collect_unfolded_stats
+from onnxlr.statistics import channel_rows
 
 IN, HIDDEN, OUT = 16, 64, 8
 
@@ -248,7 +249,7 @@ def test_structured_removing_dead_units_or_nothing_is_exact():
 def test_structured_gemm_layers_with_transB_and_alpha():
     model = gemm_mlp()
     calib = {"x": sample((300, IN), seed=2)}
-    names = PruneStructured.stats_tensors(import_graph(model), PruneStructuredConfig())
+    names = [r.tensor for r in PruneStructured(PruneStructuredConfig()).needs(import_graph(model))]
     assert names == ["hidden"]
     stats, _ = collect_stats(model, names, [calib], threads=1)
     out, record = prune(model, PruneStructured(PruneStructuredConfig(ratio=0.5), stats))
@@ -326,7 +327,7 @@ def test_structured_conv_bn_relu_conv():
 def test_structured_conv_with_channel_statistics_folds_the_bias(conv2_bias):
     model = conv_bn_model(seed=1, conv2_bias=conv2_bias)
     calib = {"x": sample((8, 3, 8, 8), seed=5)}
-    [name] = PruneStructured.stats_tensors(import_graph(model), PruneStructuredConfig())
+    [name] = [r.tensor for r in PruneStructured(PruneStructuredConfig()).needs(import_graph(model))]
     stats = collect_unfolded_stats(model, {name: (name, channel_rows)}, [calib], threads=1)
     assert stats[name].k == 16
     y = run(model, calib)[0]
@@ -395,7 +396,7 @@ def test_unstructured_2_4_along_the_input_axis_of_a_transposed_gemm():
 def test_unstructured_wanda_uses_input_statistics_and_skips_indivisible_layers():
     model = gemm_mlp()
     calib = {"x": sample((200, IN), seed=7)}
-    names = PruneUnstructured.stats_tensors(import_graph(model), PruneUnstructuredConfig(sparsity=0.5))
+    names = [r.tensor for r in PruneUnstructured(PruneUnstructuredConfig(sparsity=0.5)).needs(import_graph(model))]
     assert names == ["x", "hidden"]
     stats, _ = collect_stats(model, names, [calib], threads=1)
     out, record = prune(model, PruneUnstructured(PruneUnstructuredConfig(sparsity=0.5, score="wanda"), stats))

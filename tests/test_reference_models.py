@@ -86,7 +86,7 @@ def test_demo_builds_optimizes_and_reports(cache, minilm_path, text_paths, capsy
 def test_minilm_whitened_beats_plain_svd_at_a_ten_percent_reduction(minilm_path, text_paths, eval_feeds):
     import math
 
-    from onnxlr.api import calibration_stats
+    from conftest import calibration_stats
     from onnxlr.io import load_model
     from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig
     from onnxlr.pipeline import PassManager

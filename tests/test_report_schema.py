@@ -73,7 +73,7 @@ def test_lowrank_report_with_tolerance_and_providers_matches(validator, mlp_path
                              max_error="rel_l2=10", providers="cpu,openvino,nnapi", **FAST)
     data = _as_read(report)
     assert _errors(validator, data) == []
-    assert data["schema_version"] == 1 and data["passed"] is True
+    assert data["schema_version"] == 2 and data["passed"] is True
     providers = {p["provider"]: p for p in data["validation"]["providers"]}
     assert providers["CPUExecutionProvider"]["latency_optimized"]["median_ms"] > 0
     assert providers["CPUExecutionProvider"]["profile"] is not None
@@ -127,7 +127,7 @@ def test_wrong_reports_fail_validation(validator, mlp_path, sample_x):
     cpu = lambda d: d["validation"]["providers"][0]  # noqa: E731
     assert broken(lambda d: d["original"].update(params="61706"))  # a count as a string
     assert broken(lambda d: d.pop("passed"))  # a required field missing
-    assert broken(lambda d: d.update(schema_version=2))  # another version of the schema
+    assert broken(lambda d: d.update(schema_version=1))  # another version of the schema
     assert broken(lambda d: d.update(extra=1))  # unknown top-level field
     assert broken(lambda d: d["passes"][0]["layers"][0].update(action="changed"))  # not an action
     assert broken(lambda d: cpu(d)["outputs"][0].update(cosine_min=None))

@@ -9,9 +9,10 @@ import onnxlr
 from onnxlr import linalg
 from onnxlr.errors import OnnxlrError
 from onnxlr.graph import count_parameters, import_graph
-from onnxlr.passes.factorize_matmul import find_layers
-from onnxlr.passes.factorize_sequential import layer_stages
-from onnxlr.runtimes.stats import CrossStats, PairedRuns
+from onnxlr.matching import find_layers
+from onnxlr.planning.sequential import layer_stages
+from onnxlr.runtimes.paired import PairedRuns
+from onnxlr.statistics import CrossStats
 from test_calibrated_pass import correlated_inputs, run
 
 
@@ -195,7 +196,7 @@ def test_cli_target_and_sequential(mlp_path, tmp_path, capsys):
 
 
 def test_a_shared_cache_decomposes_each_weight_once(mlp_proto, monkeypatch):
-    from onnxlr.api import calibration_stats
+    from conftest import calibration_stats
     from onnxlr.passes.factorize_matmul import FactorizeMatMul, FactorizeMatMulConfig
     from onnxlr.pipeline import PassManager
 
@@ -237,7 +238,7 @@ def test_target_lossless_says_when_no_factorization_meets_the_tolerance(mlp_prot
 @pytest.mark.parametrize("spec,expected", [("bytes=12MB", 12e6), ("bytes=1.5MiB", 1.5 * 2 ** 20),
                                            ("bytes=7000", 7000.0), ("bytes=7kb", 7000.0)])
 def test_byte_targets_parse_sizes(spec, expected):
-    from onnxlr.api import parse_target
+    from onnxlr.planning.targets import parse_target
 
     assert parse_target(spec) == ("bytes", expected)
 

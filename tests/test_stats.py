@@ -8,8 +8,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxlr.errors import OnnxlrError
+from onnxlr import statistics
 from onnxlr.runtimes import stats as stats_mod
-from onnxlr.runtimes.stats import TensorStats, collect_stats
+from onnxlr.runtimes.stats import collect_stats
+from onnxlr.statistics import TensorStats
 
 VOCAB, EMB, HID = 10, 16, 8
 MLP_TENSORS = ["x", "h0", "h1", "h2", "y"]
@@ -145,7 +147,7 @@ def test_tensor_stats_update_and_properties(monkeypatch):
     stats = TensorStats.zeros(6)
     stats.update(rows[:20])
     stats.update(rows[20:20])  # no rows: no change
-    monkeypatch.setattr(stats_mod, "_CHUNK_ELEMENTS", 7)  # one row at a time
+    monkeypatch.setattr(statistics, "_CHUNK_ELEMENTS", 7)  # one row at a time
     stats.update(rows[20:])
     want = reference([rows])
     assert_matches(stats, want)

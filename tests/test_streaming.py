@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxlr import api, graph, io
+from onnxlr.errors import OnnxlrError
 
 
 def _mlp(path, widths=(96, 256, 512, 128), seed=0):
@@ -83,7 +84,7 @@ def test_a_tensor_beyond_its_data_file_is_refused(tmp_path):
     source = _mlp(tmp_path / "mlp.onnx")
     data = source.with_suffix(".onnx.data")
     data.write_bytes(data.read_bytes()[:-100])
-    with pytest.raises(api.OnnxlrError, match="needs .* bytes at offset"):
+    with pytest.raises(OnnxlrError, match="needs .* bytes at offset"):
         io.load_model(source, mapped=True)
 
 

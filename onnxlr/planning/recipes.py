@@ -1,10 +1,10 @@
 """Named recipes: which compression passes run after the optional low-rank factorization, and how.
 
 A recipe is a short list of steps; each step is a pass class and a function giving its config from
-whether calibration data was given. :func:`onnxlr.api.optimize` runs the steps in order on the
-(factorized) model, collecting fresh calibration statistics before every step that uses them —
-pruning changes the shapes the next step sees — and validates the end result like any other run.
-``onnxlr recipes`` lists them; docs/benchmarks.md compares them on MiniLM and the MNIST CNN.
+whether calibration data was given. The optimizer (:mod:`onnxlr.planning.optimizer`) runs the steps
+in order on the (factorized) model, collecting fresh calibration statistics before every step that
+uses them — pruning changes the shapes the next step sees — and validates the end result like any
+other run. ``onnxlr recipes`` lists them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ from typing import Any, Callable
 
 from onnxlr.errors import OnnxlrError
 from onnxlr.passes.compose_chains import ComposeChainsConfig, ComposeLinearChains
-from onnxlr.passes.prune import PruneStructured, PruneStructuredConfig, PruneUnstructured, PruneUnstructuredConfig
+from onnxlr.passes.equalize_conv import EqualizeConv, EqualizeConvConfig
+from onnxlr.passes.fold_batchnorm import FoldBatchNorm, FoldBatchNormConfig
+from onnxlr.passes.fuse_activations import FuseActivations, FuseActivationsConfig
+from onnxlr.passes.gate_conv import GateConv, GateConvConfig
+from onnxlr.passes.quantize_conv_int8 import QuantizeConvInt8, QuantizeConvInt8Config
+from onnxlr.passes.prune_structured import PruneStructured, PruneStructuredConfig
+from onnxlr.passes.prune_unstructured import PruneUnstructured, PruneUnstructuredConfig
 from onnxlr.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
 from onnxlr.passes.quantize_nbits import QuantizeMatMulNBits, QuantizeMatMulNBitsConfig
 
@@ -37,6 +43,9 @@ class Recipe:
     factorize: bool = False  # run the low-rank factorization (optimize's rank options) first
     steps: tuple[Step, ...] = field(default_factory=tuple)
     needs_calib: bool = False
+    # With calibration data, a planning function that replaces the steps: ``search(model, service, *,
+    # provider, threads) -> onnxlr.planning.conv_int8.Result`` (choices judged by running the candidates).
+    search: Callable[..., Any] | None = None
 
 
 def _int8(calibrated: bool, **overrides) -> QuantizeInt8Config:
@@ -44,7 +53,7 @@ def _int8(calibrated: bool, **overrides) -> QuantizeInt8Config:
     rounding and SmoothQuant chosen per layer input; without, dynamic ranges and nearest rounding
     (what ``onnxruntime.quantization.quantize_dynamic`` does, plus per-row embedding tables). Conv
     weights stay float: ONNX Runtime keeps a DequantizeLinear before a Conv unfolded and the Conv out
-    of its fused kernels (the MNIST LeNet ran at 0.72x with int8 conv weights, docs/benchmarks.md)."""
+    of its fused kernels (docs/benchmarks.md)."""
     if calibrated:
         return QuantizeInt8Config(activations="static", static_format="ort", convs=False, **overrides)
     return QuantizeInt8Config(activations="dynamic", rounding="nearest", smooth_alpha=None, convs=False,
@@ -61,6 +70,19 @@ def _nbits(compensation_rank: int) -> Step:
         compensation_rank=compensation_rank if calibrated else 0))
 
 
+def _conv_int8_search(model, service, **kwargs):
+    from onnxlr.planning import conv_int8  # planning module that runs ONNX Runtime: loaded when used
+
+    return conv_int8.search(model, service, **kwargs)
+
+
+# Without the search (or for its defaults): the same passes with fixed choices.
+_CNN_INT8 = (Step(FoldBatchNorm, lambda calibrated: FoldBatchNormConfig()),
+             Step(FuseActivations, lambda calibrated: FuseActivationsConfig()),
+             Step(GateConv, lambda calibrated: GateConvConfig()),
+             Step(EqualizeConv, lambda calibrated: EqualizeConvConfig()),
+             Step(QuantizeConvInt8, lambda calibrated: QuantizeConvInt8Config()))
+
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("lowrank", "low-rank factorization of MatMul/Gemm (and Conv) layers; the rank options apply",
            factorize=True),
@@ -70,6 +92,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("int8", "int8 MatMul/Gemm weights and activations, int8 embedding tables; with --calib: static ranges, GPTQ "
            "rounding, SmoothQuant per layer input (ORT's fused integer MatMul); without: dynamic ranges",
            steps=(_INT8,)),
+    Recipe("int8-cnn", "static int8 convolutions for CNNs in the QDQ forms ONNX Runtime runs as integer kernels "
+           "(QLinearConv, integer Add/Mul/Concat/Sigmoid/pooling between them), after exact float rewrites "
+           "(BatchNorm folding, HardSwish fusion); equalization, range rule, bias correction and a float head "
+           "chosen by the calibration outputs, a range-mixing Concat (a YOLO head) kept float automatically; "
+           "int8 kept only if measured faster on the target, else the float rewrites alone",
+           steps=_CNN_INT8, needs_calib=True, search=_conv_int8_search),
     Recipe("int8-qdq", "as int8 with --calib, written as QuantizeLinear/DequantizeLinear pairs: portable "
            "to mobile providers, slower than int8 on ONNX Runtime CPU (bias not fused)",
            steps=(Step(QuantizeInt8, lambda calibrated: QuantizeInt8Config(activations="static", convs=False)),),

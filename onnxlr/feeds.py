@@ -49,14 +49,45 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 def parse_dims(items: list[str] | None) -> dict[str, int]:
-    """``["batch=8", "sequence=64"]`` -> ``{"batch": 8, "sequence": 64}``; OnnxlrError if malformed."""
+    """``["batch=8", "input:1=512"]`` -> ``{"batch": 8, "input:1": 512}``: a symbolic dimension by name,
+    or an input's axis by ``INPUT:AXIS`` (for dimensions an exporter left unnamed); OnnxlrError if
+    malformed."""
     dims = {}
     for item in items or []:
         match = re.fullmatch(r"\s*([^=\s]+)\s*=\s*(\d+)\s*", item)
         if not match or int(match.group(2)) < 1:
-            raise OnnxlrError(f"malformed --dim {item!r}: expected NAME=POSITIVE_INTEGER, e.g. batch=8")
+            raise OnnxlrError(f"malformed --dim {item!r}: expected NAME=POSITIVE_INTEGER or INPUT:AXIS=POSITIVE_INTEGER, "
+                              f"e.g. batch=8 or input:1=512")
         dims[match.group(1)] = int(match.group(2))
     return dims
+
+
+def free_dim(input_name: str, axis: int, dim, dims: dict[str, int], default: int = 1) -> int:
+    """The size a free dimension of an input takes: ``dims["INPUT:AXIS"]``, else ``dims[its name]``,
+    else ``default``."""
+    return dims.get(f"{input_name}:{axis}", dims.get(dim, default) if isinstance(dim, str) else default)
+
+
+def check_dims(model: onnx.ModelProto, dims: dict[str, int] | None) -> None:
+    """OnnxlrError for a ``--dim`` that names no symbolic dimension and no free axis of an input."""
+    specs = {s.name: s for s in model_inputs(model)}
+    named = {d for s in specs.values() for d in s.shape if isinstance(d, str)}
+    for key in dims or {}:
+        name, sep, axis = key.rpartition(":")
+        if sep and name in specs and axis.isdigit():
+            shape = specs[name].shape
+            if int(axis) >= len(shape) or isinstance(shape[int(axis)], int):
+                raise OnnxlrError(f"--dim {key}: input {name!r} has no free axis {axis} (its shape is {shape})")
+        elif key not in named:
+            free = [f"{s.name}:{i}" for s in specs.values() for i, d in enumerate(s.shape) if not isinstance(d, int)]
+            raise OnnxlrError(f"--dim {key}: no symbolic dimension or input axis of that name (named: "
+                              f"{', '.join(sorted(named)) or 'none'}; free axes: {', '.join(free) or 'none'})")
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch every input fixes on its axis 0 (an export with a static batch), or None."""
+    leading = {s.shape[0] if s.shape else None for s in model_inputs(model)}
+    return leading.pop() if len(leading) == 1 and isinstance(next(iter(leading)), int) else None
 
 
 def _gather_ranges(model: onnx.ModelProto) -> dict[str, int]:
@@ -79,7 +110,7 @@ def synthetic_feeds(model: onnx.ModelProto, dims: dict[str, int] | None = None, 
     ranges = _gather_ranges(model)
     feeds = {}
     for spec in model_inputs(model):
-        shape = [d if isinstance(d, int) else dims.get(d, 1) if d else 1 for d in spec.shape]
+        shape = [d if isinstance(d, int) else free_dim(spec.name, axis, d, dims) for axis, d in enumerate(spec.shape)]
         if np.issubdtype(spec.dtype, np.floating):
             value = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype == np.bool_:
@@ -101,6 +132,7 @@ def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: st
     """Raise OnnxlrError unless ``feeds`` has every model input with the right dtype, rank, fixed dims,
     and finite values, and nothing else."""
     specs = {s.name: s for s in model_inputs(model)}
+    batch = fixed_batch(model)
     missing = [name for name in specs if name not in feeds]
     if missing:
         raise OnnxlrError(f"{source} has no array for model input {missing[0]!r} (has: {', '.join(feeds) or 'nothing'})")
@@ -114,6 +146,8 @@ def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: st
         if spec.shape and value.ndim != len(spec.shape):
             raise OnnxlrError(f"{source}: input {name!r} has shape {list(value.shape)}, the model expects rank {len(spec.shape)}")
         for axis, (got, want) in enumerate(zip(value.shape, spec.shape)):
+            if axis == 0 and batch and got % batch == 0 and got:
+                continue  # samples stacked on a fixed batch axis: run ``batch`` at a time
             if isinstance(want, int) and got != want:
                 raise OnnxlrError(f"{source}: input {name!r} has size {got} on axis {axis}, the model expects {want}")
         if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
@@ -125,60 +159,6 @@ def _non_finite(value: np.ndarray) -> str:
     nan = int(np.count_nonzero(np.isnan(value)))
     inf = int(np.count_nonzero(np.isinf(value)))
     return f"{nan + inf} of {value.size} values are not finite ({nan} NaN, {inf} Inf)"
-
-
-def check_original_outputs(model, feeds: dict[str, np.ndarray], source: str,
-                           threads: int | None = None, batch_size: int = 8) -> None:
-    """Run ``model`` (a ModelProto, or the path of a file ONNX Runtime opens itself) on CPU over
-    ``feeds`` (in batches of ``batch_size`` along axis 0) and raise OnnxlrError when it cannot run
-    in this ONNX Runtime (an opset or IR version it does not take, …),
-    or when an output holds NaN or Inf (:func:`check_finite_outputs`). Meant to run before any
-    rewriting; ``source`` says where the inputs came from."""
-    import onnxruntime as ort
-
-    from onnxlr.runtimes.providers import default_threads, make_session
-    from onnxlr.runtimes.runner import batches
-
-    try:
-        opened = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
-        session = make_session(opened, "CPUExecutionProvider", threads or default_threads())
-        names = [o.name for o in session.get_outputs()]
-        counts = {name: [0, 0, 0] for name in names}  # output -> [NaN, Inf, values] over all batches
-        for batch in batches(feeds, batch_size):
-            for name, value in zip(names, session.run(None, batch)):
-                counts[name] = [t + c for t, c in zip(counts[name], _nonfinite(value))]
-    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, …)
-        detail = _ORT_PREFIX.sub("", " ".join(str(exc).split()))
-        raise OnnxlrError(f"the original model cannot run in ONNX Runtime {ort.__version__} on {source}: "
-                          f"{detail[:300]}") from None
-    _raise_if_nonfinite(counts, source)
-
-
-def check_finite_outputs(outputs: dict[str, np.ndarray], source: str) -> None:
-    """Raise OnnxlrError when an output of the original model holds NaN or Inf: the original is then
-    broken on these inputs and no comparison against it means anything."""
-    _raise_if_nonfinite({name: _nonfinite(value) for name, value in outputs.items()}, source)
-
-
-def _nonfinite(value) -> list[int]:
-    """[NaN count, Inf count, size] of one output."""
-    value = np.asarray(value)
-    if not np.issubdtype(value.dtype, np.floating):
-        return [0, 0, value.size]
-    return [int(np.count_nonzero(np.isnan(value))), int(np.count_nonzero(np.isinf(value))), value.size]
-
-
-def _raise_if_nonfinite(counts: dict[str, list[int]], source: str) -> None:
-    bad = [(name, c) for name, c in counts.items() if c[0] or c[1]]
-    if bad:
-        name, (nan, inf, size) = bad[0]
-        raise OnnxlrError(f"the original model produces NaN/Inf in output {name!r} on {source} "
-                          f"({nan + inf} of {size} values are not finite: {nan} NaN, {inf} Inf); "
-                          f"fix the model or the inputs before compressing it")
-
-
-# "[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/…/file.cc:123 void ns::Function(args…) " before the message
-_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (\S+:\d+ [^(]*\([^)]*\) )?")
 
 
 def load_npz(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -201,3 +181,34 @@ def load_npz(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.nd
         raise OnnxlrError(f"{path} is not a readable .npz file ({type(exc).__name__})") from None
     check_feeds(model, feeds, str(path))
     return feeds
+
+
+def synthetic_caveat(model: onnx.ModelProto, dims: dict[str, int] | None) -> str:
+    """What synthetic inputs do not show, said where the report names the data it compared on."""
+    specs = model_inputs(model)
+    unset = sorted({f"{s.name}:{i}" for s in specs for i, d in enumerate(s.shape)
+                    if not isinstance(d, int) and f"{s.name}:{i}" not in (dims or {}) and d not in (dims or {})})
+    guessed = [s.name for s in specs if np.issubdtype(s.dtype, np.integer) and not s.shape
+               and "mask" not in s.name.lower()]
+    notes = ["random values: no evidence of accuracy on real data, give --inputs"]
+    if unset:
+        notes.append(f"free dimensions at 1 ({', '.join(unset[:4])}{' …' if len(unset) > 4 else ''}: set them with --dim)")
+    if guessed:
+        notes.append(f"integer scalar{'s' if len(guessed) > 1 else ''} {', '.join(map(repr, guessed))} drawn from "
+                     "{0, 1}: give real values in --inputs")
+    return " — " + "; ".join(notes)
+
+
+def sample_inputs(model: onnx.ModelProto, inputs=None, dims: dict[str, int] | None = None,
+                  seed: int = 0) -> tuple[dict[str, np.ndarray], str]:
+    """Feeds to validate on and a label saying where they came from: ``inputs`` (an .npz path or a dict
+    keyed by input name, checked against the model), or synthetic ones (:func:`synthetic_feeds`)."""
+    check_dims(model, dims)
+    if inputs is None:
+        label = "synthetic inputs" + (f" ({', '.join(f'{k}={v}' for k, v in dims.items())})" if dims else "")
+        return synthetic_feeds(model, dict(dims or {}), seed=seed), label + synthetic_caveat(model, dims)
+    if isinstance(inputs, dict) or hasattr(inputs, "keys"):
+        feeds = {k: np.asarray(v) for k, v in inputs.items()}
+        check_feeds(model, feeds, "inputs")
+        return feeds, "given inputs"
+    return load_npz(inputs, model), str(inputs)

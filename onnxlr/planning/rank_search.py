@@ -17,8 +17,8 @@ tables for a model's factorizable MatMul/Gemm layers and runs the allocators on 
    ``evolutionary`` (EvoPress: level-switch mutations, multi-stage selection, end-to-end fitness,
    started from the better of uniform and knapsack), ``auto`` (uniform, knapsack on end-to-end errors
    and knapsack on calibrated errors, the one with the smallest end-to-end divergence on the
-   calibration data kept). Candidates are scored with :class:`runtimes.swap.SwapRunner`: one ORT
-   session whose weights are inputs, so no candidate rebuilds a model.
+   calibration data kept). Candidates are scored with :class:`onnxlr.runtimes.swap.SwapRunner`: one
+   ORT session whose weights are inputs, so no candidate rebuilds a model.
 """
 
 from __future__ import annotations
@@ -30,16 +30,17 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from onnxlr import allocation
+import onnx
+
+from onnxlr import allocation, linalg
 from onnxlr.errors import OnnxlrError
 from onnxlr.executors import SerialExecutor
-from onnxlr.macs import count_macs
-from onnxlr.runtimes import latency, latency_table
-from onnxlr.runtimes.feeds import synthetic_feeds
-from onnxlr.runtimes.providers import make_session
+from onnxlr.factorization import Decomposer, FitSettings
+from onnxlr.graph import import_graph
+from onnxlr.matching import find_layers
+from onnxlr.planning.options import ALLOCATORS
 from onnxlr.runtimes.swap import SwapRunner
 
-ALLOCATORS = ("auto", "uniform", "greedy", "knapsack", "evolutionary")
 # Ranks offered per layer: every rank up to this many (an even grid beyond) when costs are linear in
 # the rank; this many when each level must be timed. An evolutionary mutation moves a layer down
 # 1/COARSE_LEVELS of its grid.
@@ -50,8 +51,10 @@ SENSITIVITY_LEVELS = 5
 SENSITIVITY_SHARE = 0.25
 # Candidate weights kept in memory between evaluations.
 MEMO_BYTES = 256 * 2 ** 20
-# Timed runs of a whole model for a latency target.
-LATENCY_REPEATS = 30
+# The search scores candidates on calibration batches of this many samples (fewer, larger runs).
+SEARCH_BATCH_SIZE = 32
+# The end-to-end divergence each --max-error metric is searched with (onnxlr.compare.DIVERGENCES).
+SEARCH_DIVERGENCE = {"cosine": "cosine", "kl": "kl", "top1": "kl"}
 
 
 @dataclass
@@ -98,7 +101,7 @@ def level_table(layers, decompositions: Mapping, unit_costs: Mapping[str, float]
         k, n = layer.W.shape
         ranks = allocation.rank_levels(k, n, levels)
         cost = level_costs(layer, ranks, unit_costs, cost_of)
-        s = decompositions[key][2].spectrum
+        s = decompositions[key].svd.spectrum
         tail = np.concatenate([np.cumsum((s ** 2)[::-1])[::-1], [0.0]])  # tail[r] = sum_{i >= r} s_i^2
         table.keys.append(key)
         table.shapes.append((k, n))
@@ -118,11 +121,12 @@ class _LayerWeight:
 
 
 class Candidates:
-    """Dense-equivalent weights of any level of any layer, for :class:`SwapRunner`, computed once each."""
+    """Dense-equivalent weights of any level of any layer, for :class:`SwapRunner`, computed once each.
+    ``decomposer`` (:class:`onnxlr.factorization.Decomposer`) fits them from ``decompositions``."""
 
-    def __init__(self, factorize, layers, decompositions: Mapping, table: LevelTable,
+    def __init__(self, decomposer: Decomposer, layers, decompositions: Mapping, table: LevelTable,
                  fixed: Mapping[tuple[str, bool], int] | None = None):
-        self.factorize = factorize
+        self.decomposer = decomposer
         self.fixed = dict(fixed or {})  # weights outside the search, at the rank the user gave
         self.layer = {}
         for layer in layers:
@@ -142,7 +146,7 @@ class Candidates:
             self._memo.move_to_end((key, rank))
             return self._memo[(key, rank)]
         layer = self.layer[key]
-        A, B, delta = self.factorize.factors(layer, rank, self.decompositions[key])
+        A, B, delta = self.decomposer.factors(layer.W, rank, self.decompositions[key])
         W = (A @ B).astype(layer.W.dtype)
         found = (np.ascontiguousarray(W.T if layer.transposed else W), delta)
         self._memo[(key, rank)] = found
@@ -154,9 +158,8 @@ class Candidates:
 
     def __getstate__(self):
         # What an executor's worker needs to build weights: the decompositions, each layer's logical
-        # weight and orientation, the pass's config; not the graph, the statistics or the memo.
+        # weight and orientation, the fit settings; not the graph, the statistics or the memo.
         state = dict(self.__dict__)
-        state["factorize"] = type(self.factorize)(self.factorize.config, {}, {})
         state["layer"] = {key: _LayerWeight(layer.W, layer.transposed) for key, layer in self.layer.items()}
         state["_memo"], state["_bytes"] = OrderedDict(), 0
         return state
@@ -221,6 +224,10 @@ class SearchResult:
     layers: list[dict[str, Any]] = field(default_factory=list)
     search: dict[str, Any] = field(default_factory=dict)
 
+    def ranks_by_name(self) -> dict[str, int]:
+        """Weight name -> rank (0: dense), as per-layer ranks of the factorization pass."""
+        return {key[0]: rank for key, rank in self.ranks.items()}
+
     def record(self) -> dict[str, Any]:
         return {"allocator": self.allocator, "calib_divergence": self.divergence,
                 "search_seconds": round(self.seconds, 2), "batch_runs": self.batch_runs,
@@ -278,41 +285,10 @@ def search(table: LevelTable, budget: float, allocator: str, candidates: Candida
     extra: dict[str, Any] = {}
     remote_runs = 0
     if allocator == "evolutionary":
-        start_name = min(divergence, key=divergence.get)
-        # Hundreds of candidates selected on the same few calibration samples overfit them: the search
-        # scores on all batches but the last quarter, which then judges the result against its start.
-        n = len(runner.batches)
-        search_ids = list(range(n - n // 4)) if n >= 4 else list(range(n))
-        check_ids = list(range(n - n // 4, n)) if n >= 4 else list(range(n))
-        executor = executor or SerialExecutor()
-        # Workers get the runner and the decompositions once, then only each candidate's picks; they
-        # share the cores: each runner copy gets the executor's threads per worker.
-        scorer = CandidateScorer(runner.with_threads(executor.blas_threads) if executor.workers > 1 else runner,
-                                 candidates)
-
-        def fitness(jobs):
-            return executor.map(_score, [(p, [search_ids[i] for i in ids]) for p, ids in jobs], shared=scorer)
-
-        local_before = runner.evaluations
-        picks, log = allocation.evolutionary(
-            table.costs, budget, fitness,
-            options[start_name], len(search_ids), generations=generations, seed=seed, progress=progress,
-            steps=[max(1, round(len(c) / COARSE_LEVELS)) for c in table.costs])
-        evaluations += log.evaluations
-        remote_runs = log.batch_runs - (runner.evaluations - local_before)  # what workers' copies ran
-        # Spend what the last mutations left of the budget (each move only raises a rank): the budget
-        # is met within one level, as by the other allocators.
-        picks = allocation.fill(table.costs, errors, picks, budget)
-        checked = {name: runner.divergence(candidates.weights(p), check_ids)
-                   for name, p in ((start_name, options[start_name]), ("evolutionary", picks))}
-        evaluations += 2
-        kept = "evolutionary" if checked["evolutionary"] <= checked[start_name] else start_name
-        picks = picks if kept == "evolutionary" else options[start_name]
-        divergence["evolutionary"] = runner.divergence(candidates.weights(picks))
-        extra = {"started_from": start_name, "generations": log.generations, "stopped_early": log.stopped_early,
-                 "seed": seed, "fitness_by_generation": [round(b, 6) for b in log.best],
-                 "check_divergence": {k: round(v, 6) for k, v in checked.items()}, "check_batches": len(check_ids),
-                 "evolved_kept": kept == "evolutionary"}
+        picks, kept, extra, runs = _evolve(table, budget, errors, candidates, runner, options, divergence,
+                                           seed=seed, generations=generations, progress=progress, executor=executor)
+        evaluations += extra.pop("evaluations")
+        remote_runs = runs
     else:
         kept = min(divergence, key=divergence.get) if divergence else next(iter(options))
         picks = options[kept]
@@ -336,62 +312,65 @@ def search(table: LevelTable, budget: float, allocator: str, candidates: Candida
     return result
 
 
-@dataclass
-class LatencyModel:
-    """What a ``--target latency=F`` budget is made of, measured once per model: the whole model's
-    median time on ``provider`` (synthetic inputs at the ``--dim`` sizes), the factorizable layers'
-    dense time from the lookup table, and ``cost_of(layer, ranks) -> ms per level`` from that table.
-    Everything but the factorizable layers is taken to keep its time."""
+def _evolve(table: LevelTable, budget: float, errors, candidates: Candidates, runner: SwapRunner, options: dict,
+            divergence: dict, *, seed: int, generations: int, progress, executor):
+    """The evolutionary search from the best of ``options``: ``(picks, allocator kept, record, batch runs
+    its workers made)``; ``divergence`` gains the kept allocation's."""
+    start_name = min(divergence, key=divergence.get)
+    # Hundreds of candidates selected on the same few calibration samples overfit them: the search
+    # scores on all batches but the last quarter, which then judges the result against its start.
+    n = len(runner.batches)
+    search_ids = list(range(n - n // 4)) if n >= 4 else list(range(n))
+    check_ids = list(range(n - n // 4, n)) if n >= 4 else list(range(n))
+    executor = executor or SerialExecutor()
+    # Workers get the runner and the decompositions once, then only each candidate's picks; they
+    # share the cores: each runner copy gets the executor's threads per worker.
+    scorer = CandidateScorer(runner.with_threads(executor.blas_threads) if executor.workers > 1 else runner,
+                             candidates)
 
-    whole_ms: float
-    dense_ms: float
-    cost_of: Callable[[Any, np.ndarray], np.ndarray]
-    provider: str
+    def fitness(jobs):
+        return executor.map(_score, [(p, [search_ids[i] for i in ids]) for p, ids in jobs], shared=scorer)
 
-    def budget(self, share: float) -> float:
-        """Milliseconds left to the factorizable layers: ``share * whole - (whole - their dense time)``."""
-        rest = max(self.whole_ms - self.dense_ms, 0.0)
-        budget = share * self.whole_ms - rest
-        if budget <= 0:
-            raise OnnxlrError(f"--target latency={share:g} is out of reach: the model takes {self.whole_ms:.3g} ms on "
-                              f"{self.provider}, {rest:.3g} ms of it outside its factorizable MatMul/Gemm layers")
-        return budget
+    local_before = runner.evaluations
+    picks, log = allocation.evolutionary(
+        table.costs, budget, fitness, options[start_name], len(search_ids), generations=generations, seed=seed,
+        progress=progress, steps=[max(1, round(len(c) / COARSE_LEVELS)) for c in table.costs])
+    remote_runs = log.batch_runs - (runner.evaluations - local_before)  # what workers' copies ran
+    # Spend what the last mutations left of the budget (each move only raises a rank): the budget
+    # is met within one level, as by the other allocators.
+    picks = allocation.fill(table.costs, errors, picks, budget)
+    checked = {name: runner.divergence(candidates.weights(p), check_ids)
+               for name, p in ((start_name, options[start_name]), ("evolutionary", picks))}
+    kept = "evolutionary" if checked["evolutionary"] <= checked[start_name] else start_name
+    picks = picks if kept == "evolutionary" else options[start_name]
+    divergence["evolutionary"] = runner.divergence(candidates.weights(picks))
+    record = {"started_from": start_name, "generations": log.generations, "stopped_early": log.stopped_early,
+              "seed": seed, "fitness_by_generation": [round(b, 6) for b in log.best],
+              "check_divergence": {k: round(v, 6) for k, v in checked.items()}, "check_batches": len(check_ids),
+              "evolved_kept": kept == "evolutionary", "evaluations": log.evaluations + 2}
+    return picks, kept, record, remote_runs
 
 
-def latency_model(model, layers, *, provider: str, threads: int, dims: Mapping[str, int] | None,
-                  table=None) -> LatencyModel:
-    """Time ``model`` once and price its ``layers`` from the lookup table
-    (:class:`runtimes.latency_table.LatencyTable`, measured where its cache lacks a shape)."""
-    macs = count_macs(model, dims).per_node
-    rows: dict[tuple[str, bool], float] = {}
-    first = {}  # weight key -> a layer reading it
+def search_space(model: onnx.ModelProto, settings: FitSettings, stats, sensitivity, batches, *,
+                 ranks: Mapping[str, int] | None = None, unit_costs: Mapping[str, float] | None = None,
+                 cost_of=None, divergence: str = "rel_l2", threads: int = 1, cache: dict | None = None) -> SearchSpace:
+    """What every allocator searches over for ``model``'s factorizable layers: their level table (costs
+    in the units of ``unit_costs``, or of ``cost_of``: ``(layer, ranks) -> cost per rank``, 0 = dense),
+    their candidate weights fitted under ``settings`` (:class:`onnxlr.factorization.Decomposer`, with a
+    shared ``cache``), and — with calibration ``batches`` — one ORT session scoring candidates end to
+    end with ``divergence``. Layers with a rank in ``ranks`` (by node or weight name) keep it; their
+    cost is ``space.spent``. Budget-independent: one space serves many budgets."""
+    layers, _ = find_layers(import_graph(model))
+    decomposer = Decomposer(settings, cache)
+    decompositions = decomposer.decompositions(layers, stats, sensitivity)
+    given = {}  # weight key -> (layer, the user's rank; 0 where it would not save parameters: dense)
     for layer in layers:
-        if layer.node.name not in macs:
-            raise OnnxlrError(f"cannot time {layer.node.name!r} for a latency target: its shapes stay unknown; "
-                              f"set the model's symbolic dimensions with --dim NAME=VALUE")
-        key = (layer.weight.name, layer.transposed)
-        rows[key] = rows.get(key, 0.0) + macs[layer.node.name] / layer.W.size
-        first.setdefault(key, layer)
-    table = table or latency_table.LatencyTable(provider=provider, threads=threads)
-
-    def cost_of(layer, ranks: np.ndarray) -> np.ndarray:
-        k, n = layer.W.shape
-        dense, factorized = table.layer_costs(max(1, int(round(rows[(layer.weight.name, layer.transposed)]))), k, n,
-                                              [int(r) for r in ranks if r > 0])
-        it = iter(factorized)
-        return np.asarray([dense if r == 0 else float(next(it)) for r in ranks])
-
-    session = make_session(model.SerializeToString(), provider, threads)
-    whole = latency.measure({"model": session}, synthetic_feeds(model, dict(dims or {})), warmup=3,
-                            repeats=LATENCY_REPEATS)["model"].median_ms
-    dense = sum(float(cost_of(layer, np.array([0]))[0]) for layer in first.values())
-    return LatencyModel(whole, dense, cost_of, provider)
-
-
-
-def latency_ratio(original, optimized, *, provider: str, threads: int, dims: Mapping[str, int] | None) -> float:
-    """Median latency of ``optimized`` over ``original``'s, timed interleaved on synthetic inputs at ``dims``."""
-    sessions = {name: make_session(m.SerializeToString(), provider, threads)
-                for name, m in (("original", original), ("optimized", optimized))}
-    found = latency.measure(sessions, synthetic_feeds(original, dict(dims or {})), warmup=3, repeats=LATENCY_REPEATS)
-    return found["optimized"].median_ms / found["original"].median_ms
+        rank = next((int(ranks[k]) for k in (layer.node.name, layer.weight.name) if k in (ranks or {})), None)
+        if rank is not None:
+            given[layer.key] = (layer, rank if linalg.saves_parameters(*layer.W.shape, rank) else 0)
+    searched = [layer for layer in layers if layer.key not in given]
+    table = level_table(searched, decompositions, unit_costs, cost_of=cost_of)
+    spent = sum(float(level_costs(layer, np.array([rank]), unit_costs, cost_of)[0]) for layer, rank in given.values())
+    candidates = Candidates(decomposer, layers, decompositions, table, fixed={k: r for k, (_, r) in given.items()})
+    runner = SwapRunner(model, layers, batches, divergence=divergence, threads=threads) if batches else None
+    return SearchSpace(table, candidates, runner, spent)

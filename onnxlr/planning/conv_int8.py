@@ -1,0 +1,199 @@
+"""Static int8 for a CNN, chosen by measurement: which options keep the outputs, and whether int8 is
+faster on the target at all.
+
+The route (each step a pass): fold BatchNorms and fuse decomposed activations (float, exact — kept
+whatever follows), then the gate convs, cross-layer equalization and the QDQ writer
+(:mod:`onnxlr.passes.quantize_conv_int8`). Choices made here, each accepted only if the outputs on the
+calibration data do not get worse (by ``evaluate`` when given — a task check — else the mean relative L2
+error of the outputs against the float model, top-1 disagreement for classifier-shaped outputs):
+
+1. equalization on/off × activation range rule (minmax, percentile, MSE, entropy);
+2. bias correction on/off;
+3. the head (each output's nearest weight layer and what follows, :func:`integer_regions.head_nodes`)
+   in float or int8 — a range-mixing Concat/Split is kept float in any case by the writer;
+4. then latency on the target: the float model and the int8 candidates are timed interleaved on a
+   calibration batch (boundary Q/DQ and transposes included, as they run); int8 is kept only when the
+   whole model is faster by more than the run's noise — a LeNet's tiny convs and a depthwise-heavy
+   classifier at 224² are not, and stay float.
+
+ONNX Runtime's optimized graph is inspected to confirm that the int8 convs became ``QLinearConv``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from onnxlr import progress
+from onnxlr.activation_ranges import RULES
+from onnxlr.graph import import_graph
+from onnxlr.integer_regions import head_nodes
+from onnxlr.passes.equalize_conv import EqualizeConv
+from onnxlr.passes.fold_batchnorm import FoldBatchNorm
+from onnxlr.passes.fuse_activations import FuseActivations
+from onnxlr.passes.gate_conv import GateConv
+from onnxlr.passes.quantize_conv_int8 import QuantizeConvInt8, QuantizeConvInt8Config
+from onnxlr.pipeline import LayerChange, PassManager, PassRecord
+from onnxlr.runtimes.fusions import fused_op_counts
+from onnxlr.runtimes.latency import measure, speedup_noise
+from onnxlr.runtimes.providers import default_threads, make_session
+
+SCORE_BATCHES = 8  # calibration batches the choices are scored on
+MIN_SPEEDUP = 1.05  # int8 must beat float by this much (and by more than the noise) to be kept
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One configuration of the int8 route."""
+
+    equalize: bool = True
+    rule: str = "mse"
+    bias_correction: bool = True
+    float_head: bool = False
+
+    def label(self) -> str:
+        return (f"{'CLE' if self.equalize else 'no CLE'}, {self.rule}, "
+                f"{'bias corr.' if self.bias_correction else 'no bias corr.'}, "
+                f"{'head float' if self.float_head else 'head int8'}")
+
+
+@dataclass
+class Result:
+    """The model kept, the records of the passes that made it, and the search's own record."""
+
+    model: onnx.ModelProto
+    records: list[PassRecord]
+    search: PassRecord
+
+
+def float_prepass(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """BatchNorm folding and activation fusion: float rewrites that keep the outputs (up to rounding)."""
+    return PassManager([FoldBatchNorm(), FuseActivations()]).run(model)
+
+
+class ConvInt8Search:
+    """Builds and scores int8 variants of ``model`` (after :func:`float_prepass`) with the statistics
+    service ``service`` (:class:`onnxlr.runtimes.calibration.StatisticsService`).
+
+    evaluate: ``evaluate(model) -> error`` on the calibration data, lower is better (a task check); None:
+        the outputs' divergence from the float model.
+    """
+
+    def __init__(self, model: onnx.ModelProto, service, *, evaluate: Callable[[onnx.ModelProto], float] | None = None,
+                 provider: str = "CPUExecutionProvider", threads: int | None = None, repeats: int = 20):
+        self.prepassed, self.prepass_records = float_prepass(model)
+        self.gated, [self.gate_record] = PassManager([GateConv()]).run(self.prepassed)
+        self.service, self.evaluate_task = service, evaluate
+        self.provider, self.threads, self.repeats = provider, threads or default_threads(), repeats
+        self.batches = service.batches()[:SCORE_BATCHES]
+        reference = make_session(self.prepassed.SerializeToString(), "CPUExecutionProvider", self.threads)
+        self.reference = [reference.run(None, feeds) for feeds in self.batches]
+        self.head = head_nodes(import_graph(self.gated))
+        self.trials: list[dict] = []
+        self._equalized: tuple[onnx.ModelProto, PassRecord] | None = None
+
+    def equalized(self) -> tuple[onnx.ModelProto, PassRecord]:
+        if self._equalized is None:
+            rewrite = EqualizeConv()
+            rewrite.stats = self.service.collect_for(self.gated, rewrite)
+            model, [record] = PassManager([rewrite]).run(self.gated)
+            self._equalized = (model, record)
+        return self._equalized
+
+    def build(self, choice: Choice) -> tuple[onnx.ModelProto, list[PassRecord]]:
+        """The int8 model of ``choice`` and the records of its passes."""
+        base, records = self.gated, [self.gate_record]
+        if choice.equalize:
+            base, record = self.equalized()
+            records.append(record)
+        floats = {name: "in the head, kept float (chosen on the calibration data)" for name in self.head} \
+            if choice.float_head else {}
+        rewrite = QuantizeConvInt8(QuantizeConvInt8Config(rule=choice.rule, bias_correction=choice.bias_correction,
+                                                          float_nodes=floats))
+        rewrite.stats = self.service.collect_for(base, rewrite)
+        model, [record] = PassManager([rewrite]).run(base)
+        return model, [*records, record]
+
+    def score(self, model: onnx.ModelProto) -> tuple[float, ...]:
+        """(task error, output divergence) on the calibration batches — lower is better."""
+        session = make_session(model.SerializeToString(), "CPUExecutionProvider", self.threads)
+        divergence = np.mean([_divergence(ref, session.run(None, feeds))
+                              for ref, feeds in zip(self.reference, self.batches)])
+        task = self.evaluate_task(model) if self.evaluate_task is not None else 0.0
+        return float(task), float(divergence)
+
+    def trial(self, choice: Choice) -> tuple[tuple[float, ...], onnx.ModelProto, list[PassRecord]]:
+        start = time.perf_counter()
+        model, records = self.build(choice)
+        key = self.score(model)
+        self.trials.append({"choice": choice.label(), "task_error": key[0], "divergence": key[1],
+                            "seconds": round(time.perf_counter() - start, 1)})
+        progress.phase(f"int8 trial {choice.label()}: task error {key[0]:.4g}, divergence {key[1]:.4g}")
+        return key, model, records
+
+    def choose(self, rules: Sequence[str] = RULES) -> tuple[Choice, onnx.ModelProto, list[PassRecord]]:
+        """The best choice by the calibration outputs, decided step by step (module docstring)."""
+        found = [(self.trial(c), c) for c in (Choice(equalize=e, rule=r) for e in (True, False) for r in rules)]
+        (best, model, records), choice = min(found, key=lambda f: f[0][0])
+        for change in (dict(bias_correction=False), dict(float_head=True)):
+            candidate = dataclasses.replace(choice, **change)
+            key, cand_model, cand_records = self.trial(candidate)
+            if key <= best:  # kept only if the outputs do not get worse
+                best, model, records, choice = key, cand_model, cand_records, candidate
+        return choice, model, records
+
+
+def search(model: onnx.ModelProto, service, *, evaluate=None, provider: str = "CPUExecutionProvider",
+           threads: int | None = None, rules: Sequence[str] = RULES, repeats: int = 20) -> Result:
+    """The int8 model of ``model`` if it is faster on ``provider`` and its outputs hold, else the float
+    pre-passed model; the search record says which and why."""
+    run = ConvInt8Search(model, service, evaluate=evaluate, provider=provider, threads=threads, repeats=repeats)
+    choice, int8_model, int8_records = run.choose(rules)
+    timed = _time(run, {"float": run.prepassed, "int8": int8_model})
+    speedup = timed["float"] / timed["int8"]
+    noise = timed.get("noise") or 0.0
+    counts = fused_op_counts(int8_model.SerializeToString(), run.threads)
+    planned = sum(1 for r in int8_records for c in r.rewritten if r.name == "quantize_conv_int8" and c.op == "Conv")
+    keep_int8 = speedup >= max(MIN_SPEEDUP, 1.0 + noise)
+    summary = {"choice": dataclasses.asdict(choice), "trials": run.trials, "float_ms": timed["float"],
+               "int8_ms": timed["int8"], "speedup": round(speedup, 3), "noise": round(noise, 3),
+               "provider": provider, "qlinearconv": counts.get("QLinearConv", 0), "int8_convs_planned": planned,
+               "kept": "int8" if keep_int8 else "float"}
+    verdict = (f"int8 kept: {speedup:.2f}x faster than float on {provider}" if keep_int8 else
+               f"int8 rejected: {speedup:.2f}x of float's speed on {provider} (needs {max(MIN_SPEEDUP, 1 + noise):.2f}x); "
+               "every conv stays float")
+    record = PassRecord("conv_int8_search", summary, [LayerChange("model", "int8", "rewritten" if keep_int8 else "skipped",
+                                                                  "" if keep_int8 else verdict, {"verdict": verdict})])
+    if keep_int8:
+        return Result(int8_model, [*run.prepass_records, *int8_records], record)
+    return Result(run.prepassed, run.prepass_records, record)
+
+
+def _time(run: ConvInt8Search, models: dict[str, onnx.ModelProto]) -> dict[str, float]:
+    """Median ms of each model on the target, interleaved, on the first calibration batch; "noise": the
+    relative noise of the float/int8 ratio."""
+    sessions = {label: make_session(m.SerializeToString(), run.provider, run.threads) for label, m in models.items()}
+    progress.phase(f"timing float and int8 on {run.provider}")
+    times = measure(sessions, run.batches[0], warmup=3, repeats=run.repeats)
+    out = {label: t.median_ms for label, t in times.items()}
+    out["noise"] = speedup_noise(times["float"], times["int8"])
+    return out
+
+
+def _divergence(reference: list, produced: list) -> float:
+    """Mean over float outputs of the relative L2 error, plus top-1 disagreement of (batch, classes) ones."""
+    errors = []
+    for ref, out in zip(reference, produced):
+        ref, out = np.asarray(ref), np.asarray(out)
+        if not np.issubdtype(ref.dtype, np.floating) or ref.size == 0:
+            continue
+        rel = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-12))
+        if ref.ndim == 2 and ref.shape[1] > 1:
+            rel += float(np.mean(ref.argmax(1) != out.argmax(1)))
+        errors.append(rel)
+    return float(np.mean(errors)) if errors else 0.0
