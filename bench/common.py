@@ -4,12 +4,15 @@ LeNet accuracy table, and writing its section into docs/benchmarks.md between be
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 from pathlib import Path
 
 import onnxruntime as ort
 
 from onnxlr.models import metrics
+from onnxlr.runtimes.latency import measure
 from onnxlr.runtimes.latency_cache import cpu_model
 from onnxlr.runtimes.providers import make_session
 
@@ -87,3 +90,19 @@ def cache_main(section, doc: str, mark: str, argv=None) -> int:
     """``main`` of a benchmark whose section needs only the cache folder: ``section(cache_dir)``."""
     args = bench_parser(doc, mark).parse_args(argv)
     return emit(section(args.cache_dir), args, mark)
+
+
+def interleaved_rounds(models: dict[str, tuple[bytes, float]], feeds, count: int, repeats: int,
+                       lock: Path | None = None, *, reference: str = "fp32",
+                       noise: str = "fp32 (second session: noise pair)") -> list[dict[str, float]]:
+    """Per round, label -> median ms of every model of ``models`` (label -> (bytes, build seconds)) and
+    of a second session of ``reference`` (the noise pair, labelled ``noise``), interleaved on the CPU
+    provider; with ``lock``, timed only while holding that file's lock (``flock``'s lock, for a machine
+    shared with other timings: the builds before it do not wait)."""
+    sessions = {label: make_session(blob, "CPUExecutionProvider", THREADS) for label, (blob, _) in models.items()}
+    sessions[noise] = make_session(models[reference][0], "CPUExecutionProvider", THREADS)
+    with open(lock, "a") if lock else contextlib.nullcontext() as held:
+        if held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+        return [{label: t.median_ms for label, t in measure(sessions, feeds, warmup=5, repeats=repeats).items()}
+                for _ in range(count)]

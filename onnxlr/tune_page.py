@@ -4,7 +4,8 @@ each was dropped or not picked. Built like the optimization report's page (:mod:
 
 from __future__ import annotations
 
-from onnxlr.html_report import ACCENT, CSS, OPTIMIZED, ORIGINAL, PAGE, RC, _bytes, _e, _figure, _table
+from onnxlr.html_page import (ACCENT, CSS, OPTIMIZED, ORIGINAL, PAGE, RC, escape as _e, figure as _figure,
+                              size as _bytes, table as _table)
 
 
 def render(manifest: dict) -> str:
@@ -12,7 +13,7 @@ def render(manifest: dict) -> str:
     from matplotlib.figure import Figure
 
     with matplotlib.rc_context(RC):
-        plots = [_pareto(manifest, target, Figure) for target in manifest["targets"]]
+        plots = [_pareto(manifest, target, Figure, index) for index, target in enumerate(manifest["targets"])]
     body = [_summary(manifest), *(f'<div class="row">{p}</div>' for p in plots if p), _candidates(manifest)]
     name = manifest["model"].rsplit("/", 1)[-1]
     return PAGE.format(title=_e(f"onnxlr tune: {name}"), css=CSS, body="\n".join(b for b in body if b))
@@ -42,7 +43,7 @@ def _summary(manifest: dict) -> str:
             + (f"<h2>Emulated devices</h2><ul>{checks}</ul>" if checks else ""))
 
 
-def _pareto(manifest: dict, target: dict, Figure) -> str:
+def _pareto(manifest: dict, target: dict, Figure, index: int) -> str:
     where = f"{target['device']}/{target['provider']}"
     points = []
     for c in manifest["candidates"]:
@@ -53,19 +54,23 @@ def _pareto(manifest: dict, target: dict, Figure) -> str:
     if not points:
         return ""
     pick = (target.get("pick") or {}).get("candidate")
+    original = (target.get("original_median_ms"), manifest["model_bytes"])
     fig = Figure(figsize=(9.6, 3.4))
-    for ax, index, label in ((fig.add_subplot(1, 2, 1), 1, "latency (ms)"), (fig.add_subplot(1, 2, 2), 2, "size (bytes)")):
+    for ax, column, label in ((fig.add_subplot(1, 2, 1), 0, "latency (ms)"), (fig.add_subplot(1, 2, 2), 1, "size (bytes)")):
         for name, *values, holds in points:
-            x, err = values[index - 1], values[2]
+            x, err = values[column], values[2]
             color = ACCENT if name == pick else OPTIMIZED if holds else ORIGINAL
             ax.scatter([x], [err], color=color, s=60 if name == pick else 25, zorder=3)
             ax.annotate(name, (x, err), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if original[column]:
+            ax.scatter([original[column]], [0.0], color=ORIGINAL, marker="*", s=90, zorder=3)
+            ax.annotate("original", (original[column], 0.0), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(label)
         ax.set_ylabel("error (tolerance metric, from ideal)")
         ax.set_yscale("symlog", linthresh=1e-4)
     fig.suptitle(f"{target['provider'].removesuffix('ExecutionProvider')} on {target['device']}: "
                  "every candidate timed (orange: the pick; grey: misses the tolerance)", fontsize=9)
-    return _figure(f"pareto-{len(where)}-{abs(hash(where)) % 10**6}", fig,
+    return _figure(f"pareto-{index}", fig,
                    "lower left is better; a candidate is picked only if it meets the tolerance")
 
 

@@ -166,9 +166,12 @@ def layer_options(name: str, W: np.ndarray, G: np.ndarray, formats: Sequence[Wei
         energy = float("inf")
     centered = norm if centered_gram is None else WhitenedNorm(centered_gram)
     root_W = centered.root @ W.astype(np.float64) if any(f.rank for f in formats) else None
+    fitted: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # one fit per rank, whatever its precisions
     for fmt in formats:
         if fmt.rank:
-            A, B = factors(fmt.rank)
+            if fmt.rank not in fitted:
+                fitted[fmt.rank] = factors(fmt.rank)
+            A, B = fitted[fmt.rank]
             A_hat, B_hat = (_dequantized(M, fmt.precision, fmt.block_size) for M in (A, B))
             size = (full_bytes(k, fmt.rank, fmt.precision, fmt.block_size, itemsize, _scale_itemsize(A))
                     + full_bytes(fmt.rank, n, fmt.precision, fmt.block_size, itemsize, _scale_itemsize(B))

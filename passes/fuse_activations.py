@@ -72,7 +72,7 @@ def _div_to_mul(graph: gs.Graph, node: gs.Node) -> LayerChange:
     value = np.asarray(node.inputs[1].values)
     node.op = "Mul"
     node.inputs[1] = gs.Constant(unique_name(graph, node.inputs[1].name + "/reciprocal"),
-                                 (1.0 / value.astype(np.float64)).astype(value.dtype))
+                                 np.asarray(1.0 / value.astype(np.float64), dtype=value.dtype))
     return LayerChange(node.name, "Div", "rewritten", details={"as": "Mul by the reciprocal"})
 
 

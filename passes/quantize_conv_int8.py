@@ -26,7 +26,7 @@ Statistics: :class:`onnxlr.statistics.Activation` of every tensor an integer op 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Collection, Mapping
+from typing import Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -184,7 +184,7 @@ class _Writer:
         return name
 
     def const(self, base: str, value) -> gs.Constant:
-        return gs.Constant(self.name(base), np.ascontiguousarray(value))
+        return gs.Constant(self.name(base), np.array(value, order="C"))  # ascontiguousarray would make 0-d scales 1-d
 
     def node(self, op: str, base: str, inputs: list, dtype, domain: str = "", attrs=None) -> gs.Variable:
         out = gs.Variable(self.name(f"{base}/{op}_out"), dtype=dtype)
@@ -214,7 +214,7 @@ class _Writer:
             index = self.graph.outputs.index(tensor)
             name = tensor.name
             tensor.name = self.name(f"{name}/float")
-            out.name = name
+            out.name, out.shape = name, tensor.shape  # a graph output keeps its declared shape
             self.graph.outputs[index] = out
         return out
 

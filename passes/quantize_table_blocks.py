@@ -134,9 +134,10 @@ class QuantizeTableBlocks(Pass):
         out = node.outputs[0]
         node.op, node.domain = "GatherBlockQuantized", CONTRIB_DOMAIN
         node.attrs = {"bits": c.bits, "block_size": c.block_size, "gather_axis": 0, "quantize_axis": 1}
-        node.inputs[:] = [make_constant(graph, f"{base}/Q{c.bits}", data), node.inputs[1],
-                          make_constant(graph, f"{base}/scales", scales),
-                          make_constant(graph, f"{base}/zero_points", zero_points)]
+        inputs = [make_constant(graph, f"{base}/Q{c.bits}", data), node.inputs[1],
+                  make_constant(graph, f"{base}/scales", scales), make_constant(graph, f"{base}/zero_points", zero_points)]
+        node.inputs.clear()
+        node.inputs.extend(inputs)
         if scales.dtype != dtype:
             rows = gs.Variable(unique_name(graph, f"{node.name or base}/rows_{scales.dtype}"), dtype=scales.dtype)
             node.outputs[0] = rows

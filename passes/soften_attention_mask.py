@@ -57,6 +57,11 @@ class SoftenAttentionMask(Pass):
     config_class = SoftenAttentionMaskConfig
 
     def match(self, graph: gs.Graph):
+        # all found before any is rewritten: masks shared by several Softmax nodes (one per layer) would
+        # otherwise look already softened from the second layer on
+        return list(self._found(graph))
+
+    def _found(self, graph: gs.Graph):
         seen: set[tuple[int, int]] = set()
         for softmax in graph.nodes:
             if softmax.op != "Softmax" or not standard(softmax):
@@ -68,7 +73,7 @@ class SoftenAttentionMask(Pass):
             if len(sides) != 1:  # the mask is the one side not computed from the scores
                 continue
             found = list(_mask_constants(sides[0], self.config.threshold))
-            if not found:
+            if not found and not any(_mask_constants(sides[0], float("inf"))):
                 yield LayerChange(add.name, add.op, "skipped", "the term added before Softmax holds no mask constant "
                                   f"at or below {self.config.threshold:g} built by {'/'.join(sorted(MASK_OPS))[:60]}…")
             for constant in found:

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 # ONNX Runtime's own warnings (graph optimizers, onnx-graphsurgeon's folding sessions) are not the user's
 # business; onnxlr reports what matters.
-ort.set_default_logger_severity(3)
+ort.set_default_logger_severity(4)  # errors too: onnxlr reports a failed run in its own words
 
 from onnxlr.errors import OnnxlrError
 from onnxlr.runtimes import runner

@@ -105,7 +105,7 @@ def session(model, provider, options=None, threads=1, profile_prefix=None):
     # XNNPACK runs its own thread pool; ORT's would only compete with it for the same cores
     so.intra_op_num_threads = 1 if provider == "XnnpackExecutionProvider" else threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # a failing run is reported in onnxlr's words, not as ORT log lines
     # Sessions are timed interleaved (measure_latency): a spinning idle pool of one session would keep a
     # core from the next (8 sessions of MiniLM: fp32 timed 3.2x slower with spinning on).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -87,7 +87,7 @@ def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], batches: Batch
 
 def collect(model: onnx.ModelProto, requests: Sequence, batches: BatchesLike, *, mask_input: str | None = None,
             threads: int = 2, memory_budget: int = 2**30) -> dict[str, TensorStats | np.ndarray]:
-    """What ``requests`` (:class:`~onnxlr.statistics.Rows`, ``ChannelRows``, ``Patches``, ``TokenCounts``)
+    """What ``requests`` (:class:`~onnxlr.statistics.Rows`, ``ChannelRows``, ``Patches``, ``TokenCounts``, ``Activation``)
     ask for, over ``batches``, keyed by ``request.key``: every tensor exposed in as few ONNX Runtime
     passes as ``memory_budget`` allows (see the module docstring).
 

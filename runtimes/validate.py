@@ -149,7 +149,8 @@ def _provider_result(raw: dict, device: Device, version: str, inputs_label: str)
     The local CPU run is the reference: an original that fails there, or gives NaN/Inf, is an error."""
     if device.is_local and raw["provider"] == "CPUExecutionProvider":
         if raw["failed"] == "original":
-            raise OnnxlrError(f"the original model fails on CPUExecutionProvider with these inputs: {raw['reason']}")
+            raise OnnxlrError(f"the original model fails on CPUExecutionProvider with these inputs: {raw['reason']}"
+                              + _synthetic_hint(inputs_label))
         if "original" in raw["models"]:
             check_finite_outputs(raw["models"]["original"]["outputs"], inputs_label or "these inputs")
     build = "this onnxruntime build" if device.is_local else f"the onnxruntime {version} of device {device.label!r}"
@@ -225,8 +226,16 @@ def check_original_outputs(model, feeds: dict[str, np.ndarray], source: str,
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, …)
         detail = _ORT_PREFIX.sub("", " ".join(str(exc).split()))
         raise OnnxlrError(f"the original model cannot run in ONNX Runtime {ort.__version__} on {source}: "
-                          f"{detail[:300]}") from None
+                          f"{detail[:300]}{_synthetic_hint(source)}") from None
     _raise_if_nonfinite(counts, source)
+
+
+def _synthetic_hint(source: str) -> str:
+    """What to do when made-up inputs are what broke the original (an audio model fed a random sample
+    rate, a detector a tiny image): give real ones."""
+    if source.startswith("synthetic"):
+        return " (the inputs were synthetic: give real ones with --inputs, or sizes with --dim)"
+    return ""
 
 
 def check_finite_outputs(outputs: dict[str, np.ndarray], source: str) -> None:

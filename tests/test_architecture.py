@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"onnxlr": "onnxlr", "passes": "onnxlr.passes", "runtimes": "onnxlr.runtimes", "models": "onnxlr.models"}
 FRONT = {"onnxlr", "onnxlr.api", "onnxlr.cli", "onnxlr.__main__", "onnxlr.html_report", "onnxlr.browser",
-         "onnxlr.tune_command", "onnxlr.tune_page"}
+         "onnxlr.tune_command", "onnxlr.tune_page", "onnxlr.html_page"}
 # Which layers each layer may import (its own included). "ort": onnxruntime itself.
 ALLOWED = {
     "core": {"core"},

@@ -151,3 +151,70 @@ def test_the_emulated_arm64_device_checks_every_candidate_and_times_none(capsys,
     # the ARM kernels compute what the x86 ones do, for every candidate (int8 included)
     assert all(entry["holds"] for entry in checked.values()), checked
     assert "emulated (qemu-aarch64" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ARM64_PYTHON, reason="needs ONNXLR_ARM64_PYTHON (make test builds .arm64)")
+def test_minilm_and_a_cnn_pick_hold_on_arm_kernels(tmp_path, minilm_path, text_paths, mnist_path, cache):
+    """What tune picks on the CPU for MiniLM (the fused int8 form, docs/benchmarks.md) and for a CNN
+    (the LeNet's int8 form), run on the emulated ARM64 device: the same outputs as on x86 — numerics
+    only, no speed-up claimed."""
+    from onnxlr import api
+    from onnxlr.models import mnist, text
+
+    calib_npz, eval_npz = text_paths
+    sentences = {k: v[:4] for k, v in text.load(eval_npz).items()}
+    images, _ = mnist.load_test(cache)
+    for model, recipe, calib, inputs in ((minilm_path, "int8", str(calib_npz), sentences),
+                                         (mnist_path, "int8-cnn", str(cache / "mnist_calib.npz"), {"image": images[:16]})):
+        pick, _ = api.optimize(str(model), recipe=recipe, calib=calib, calib_samples=64, validate=False)
+        path = tmp_path / f"{Path(model).stem}.{recipe}.onnx"
+        api.write(pick, path, source=model)
+        report = api.validate(str(model), str(path), devices=[ARM64_PYTHON], inputs=inputs, repeats=3)
+        local, arm = (next(p for p in report.validation.providers if p.device == d and p.provider == "CPUExecutionProvider")
+                      for d in ("local", ARM64_PYTHON))
+        assert arm.emulated.startswith("qemu-aarch64") and arm.speedup is None
+        for here, there in zip(local.outputs, arm.outputs):
+            # the pick's error against the original is the same on ARM's kernels as on x86's
+            assert there.cosine_min == pytest.approx(here.cosine_min, abs=2e-3), (recipe, here, there)
+
+
+def test_the_page_shows_each_targets_plot_the_pick_and_why_candidates_were_dropped(capsys, workdir):
+    from onnxlr import browser
+
+    why = browser.missing()
+    if why:
+        if os.environ.get("ONNXLR_REQUIRE_BROWSER", "0") not in ("", "0"):
+            pytest.fail(f"ONNXLR_REQUIRE_BROWSER is set but no headless browser: {why}")
+        pytest.skip(f"no headless browser: {why}")
+    _, manifest, _ = _tune(capsys, workdir, "--max-error", "top1=0.97")
+    driver = browser.chromium(workdir / "chromium-profile")
+    try:
+        driver.get((workdir / "tuned" / "tune.html").as_uri())
+        figure = driver.find_element("id", "pareto-0")
+        assert figure.is_displayed() and figure.size["width"] > 300 and figure.size["height"] > 150
+        assert figure.find_elements("css selector", "svg path")
+        rows = driver.find_elements("css selector", "#candidates tbody tr")
+        assert len(rows) == len(manifest["candidates"])
+        dropped = [r.text for r in rows if r.find_elements("css selector", "td.alarm")]
+        assert any("lowrank params=0.5" in text and "top-1 agreement" in text for text in dropped), dropped
+        picks = driver.find_element("id", "picks").text
+        target = manifest["targets"][0]
+        assert (target["pick"]["candidate"] if target["pick"] else "as fast as the original") in picks
+    finally:
+        driver.quit()
+
+
+def test_all_providers_means_every_provider_of_each_devices_build():
+    from onnxlr.runtimes.devices import Device
+    from onnxlr.runtimes.providers import parse_provider_specs
+
+    options = tune_module.TuneOptions(model=FIXTURES / "skl_mlp_raw.onnx", calib=FIXTURES / "digits.npz",
+                                      inputs=FIXTURES / "digits.npz", output=Path("unused"), evaluator=len, max_drop=0)
+    search = tune_module._Search.__new__(tune_module._Search)  # only the device query is exercised
+    search.feeds, search.threads, search.options = {"input": np.zeros((4, 64), np.float32)}, 1, options
+    import onnxruntime as ort
+
+    found = search._providers_on(Device("local"), parse_provider_specs("all"))
+    assert found == [p for p in ort.get_available_providers() if p != "AzureExecutionProvider"]
+    assert search._providers_on(Device("local"), parse_provider_specs("cpu")) == ["CPUExecutionProvider"]

@@ -69,6 +69,7 @@ class Result:
     model: onnx.ModelProto
     records: list[PassRecord]
     search: PassRecord
+    int8: onnx.ModelProto | None = None  # the best int8 candidate, kept or not (benchmarks show both)
 
 
 def float_prepass(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassRecord]]:
@@ -170,8 +171,8 @@ def search(model: onnx.ModelProto, service, *, evaluate=None, provider: str = "C
     record = PassRecord("conv_int8_search", summary, [LayerChange("model", "int8", "rewritten" if keep_int8 else "skipped",
                                                                   "" if keep_int8 else verdict, {"verdict": verdict})])
     if keep_int8:
-        return Result(int8_model, [*run.prepass_records, *int8_records], record)
-    return Result(run.prepassed, run.prepass_records, record)
+        return Result(int8_model, [*run.prepass_records, *int8_records], record, int8_model)
+    return Result(run.prepassed, run.prepass_records, record, int8_model)
 
 
 def _time(run: ConvInt8Search, models: dict[str, onnx.ModelProto]) -> dict[str, float]:

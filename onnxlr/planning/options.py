@@ -220,6 +220,8 @@ class OptimizeOptions:
         if recipe.needs_calib and not self.calibration.given:
             raise OnnxlrError(f"recipe {recipe.name!r} needs calibration data (--calib)")
         rank = self.rank
+        if recipe.mixed_bits and (rank.target is None or rank.target.kind != "bytes"):
+            raise OnnxlrError(f"recipe {recipe.name!r} spreads a file size over the layers: give --target bytes=SIZE")
         if rank is not None and rank.target is not None and rank.target.lossless and (
                 self.validation.max_error is None or not self.calibration.given):
             raise OnnxlrError("--target lossless needs --max-error (the tolerance to keep) and --calib "

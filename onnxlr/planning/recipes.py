@@ -23,6 +23,7 @@ from onnxlr.passes.prune_structured import PruneStructured, PruneStructuredConfi
 from onnxlr.passes.prune_unstructured import PruneUnstructured, PruneUnstructuredConfig
 from onnxlr.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
 from onnxlr.passes.quantize_nbits import QuantizeMatMulNBits, QuantizeMatMulNBitsConfig
+from onnxlr.passes.quantize_table_blocks import QuantizeTableBlocks, QuantizeTableBlocksConfig
 
 COMPENSATION_RANK = 16
 PRUNE_RATIO = 0.1
@@ -43,6 +44,9 @@ class Recipe:
     factorize: bool = False  # run the low-rank factorization (optimize's rank options) first
     steps: tuple[Step, ...] = field(default_factory=tuple)
     needs_calib: bool = False
+    # one storage format per layer (float, int8, 4-bit, low rank) chosen under --target bytes=SIZE:
+    # the optimizer runs planning.mixed_precision.MixedPlanner in the factorizer's place
+    mixed_bits: bool = False
     # With calibration data, a planning function that replaces the steps: ``search(model, service, *,
     # provider, threads) -> onnxlr.planning.conv_int8.Result`` (choices judged by running the candidates).
     search: Callable[..., Any] | None = None
@@ -62,6 +66,9 @@ def _int8(calibrated: bool, **overrides) -> QuantizeInt8Config:
 
 _INT8 = Step(QuantizeInt8, _int8)
 _TABLES_INT8 = Step(QuantizeInt8, lambda calibrated: QuantizeInt8Config(matmuls=False, convs=False))
+# 4-bit tables in blocks of 64 along the hidden axis (GatherBlockQuantized, float16 scales): on MiniLM
+# 6.2 MB instead of 11.8 MB (int8 rows) for the word table, at held-out cosine -0.0007 (docs/benchmarks.md)
+_TABLES_4BIT = Step(QuantizeTableBlocks, lambda calibrated: QuantizeTableBlocksConfig(bits=4, block_size=64))
 
 
 def _nbits(compensation_rank: int) -> Step:
@@ -111,11 +118,15 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "(MLPs, conv pairs; refit on --calib), then int8", steps=(
                Step(PruneStructured, lambda calibrated: PruneStructuredConfig(ratio=PRUNE_RATIO)), _INT8)),
     Recipe("int4", "4-bit block-wise MatMul/Gemm weights (MatMulNBits, block 32; GPTQ with --calib), "
-           "int8 embedding tables",
-           steps=(_nbits(0), _TABLES_INT8)),
+           "4-bit embedding tables (GatherBlockQuantized, block 64); int8 tables whose rows do not split into "
+           "blocks of 64", steps=(_nbits(0), _TABLES_4BIT, _TABLES_INT8)),
     Recipe("int4+comp", f"int4 plus a float rank-{COMPENSATION_RANK} correction of each layer's 4-bit error "
-           "fitted in the activation eigenspace (EoRA)", steps=(_nbits(COMPENSATION_RANK), _TABLES_INT8),
+           "fitted in the activation eigenspace (EoRA)", steps=(_nbits(COMPENSATION_RANK), _TABLES_4BIT, _TABLES_INT8),
            needs_calib=True),
+    Recipe("mixed", "one storage format per MatMul/Gemm weight and embedding table -- float, int8, 4-bit blocks "
+           "(32/64/128), low rank in float, int8 or 4-bit; tables also 2-bit -- chosen by a knapsack on each "
+           "format's exact bytes and calibrated output error (weighted by end-to-end sensitivity) to fit "
+           "--target bytes=SIZE", factorize=True, needs_calib=True, mixed_bits=True),
     Recipe("sparse+comp", f"2:4 Wanda sparsity of MatMul weights plus a rank-{COMPENSATION_RANK} correction "
            "(EoRA); ONNX Runtime CPU has no sparse kernels, so this saves nothing there (reported)",
            steps=(Step(PruneUnstructured, lambda calibrated: PruneUnstructuredConfig(

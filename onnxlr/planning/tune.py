@@ -22,182 +22,28 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
-import onnx
 
 from onnxlr import io, progress
-from onnxlr.compare import Tolerance, compare
+from onnxlr.compare import compare
 from onnxlr.errors import OnnxlrError
-from onnxlr.feeds import check_feeds, model_inputs
+from onnxlr.feeds import fixed_batch
 from onnxlr.planning import optimizer
 from onnxlr.planning.options import optimize_options
 from onnxlr.runtimes.devices import Device
 from onnxlr.runtimes.latency import Latency, speedup_noise
+from onnxlr.planning.tune_parts import (  # noqa: F401 - CANDIDATES and TuneOptions are tune's public names
+    CANDIDATES, Candidate, TuneCache, TuneOptions, Verdict, held_out, judge, run_outputs)
 from onnxlr.runtimes.providers import default_threads, parse_provider_specs
+from onnxlr.runtimes.runner import ALL, NOT_DEVICES
 
 EMULATED_SAMPLES = 16
 # an emulated device's outputs of a model must agree with this machine's this well (worst-sample cosine
 # for floats, share of equal elements for integers): ARM's fp32 and static int8 kernels agree to 1e-6
 EMULATED_AGREEMENT = 0.999
 MANIFEST_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A recipe and its settings (keywords of :func:`onnxlr.optimize`); ``family``: candidates of one
-    family differ in strength only, strongest first."""
-
-    name: str
-    settings: dict
-    family: str = ""
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
-# In order of expected speed on CPUs (int8 first); low rank from the strongest budget down.
-CANDIDATES = (
-    Candidate("int8", {"recipe": "int8"}),
-    Candidate("int8-qdq", {"recipe": "int8-qdq"}),
-    Candidate("int8-cnn", {"recipe": "int8-cnn"}),
-    Candidate("prune+int8", {"recipe": "prune+int8"}),
-    Candidate("lowrank+int8 params=0.75", {"recipe": "lowrank+int8", "target": "params=0.75"}, "lowrank+int8"),
-    Candidate("lowrank+int8 params=0.9", {"recipe": "lowrank+int8", "target": "params=0.9"}, "lowrank+int8"),
-    Candidate("lowrank params=0.5", {"recipe": "lowrank", "target": "params=0.5"}, "lowrank"),
-    Candidate("lowrank params=0.75", {"recipe": "lowrank", "target": "params=0.75"}, "lowrank"),
-    Candidate("lowrank params=0.9", {"recipe": "lowrank", "target": "params=0.9"}, "lowrank"),
-    Candidate("int4", {"recipe": "int4"}),
-    Candidate("int4+comp", {"recipe": "int4+comp"}),
-    Candidate("int8-weights", {"recipe": "int8-weights"}),
-    Candidate("chains", {"recipe": "chains"}),
-)
-
-
-@dataclass
-class TuneOptions:
-    """What ``onnxlr tune`` searches for (see docs/tune.md). ``evaluator(outputs, data) -> score``
-    (higher is better) over the whole held-out set, with ``max_drop`` the score a candidate may lose."""
-
-    model: Path
-    calib: Path
-    inputs: Path
-    output: Path
-    tolerance: Tolerance | None = None
-    evaluator: Callable[[dict, dict], float] | None = None
-    max_drop: float | None = None
-    providers: str = "cpu"
-    devices: tuple[str, ...] = ()
-    candidates: tuple[str, ...] | None = None  # names of CANDIDATES; None: all
-    threads: int | None = None
-    repeats: int = 30
-    batch_size: int = 8
-
-    def __post_init__(self):
-        if self.tolerance is None and self.evaluator is None:
-            raise OnnxlrError("tune needs a tolerance: --max-error METRIC=V, or --evaluator with --max-drop")
-        if self.evaluator is not None and self.max_drop is None:
-            raise OnnxlrError("--evaluator needs --max-drop: how much of its score a candidate may lose")
-        known = {c.name for c in CANDIDATES}
-        unknown = [name for name in self.candidates or () if name not in known]
-        if unknown:
-            raise OnnxlrError(f"unknown tune candidate {unknown[0]!r} (choose from {', '.join(known)})")
-
-    def settings(self) -> dict:
-        return {"model": str(self.model), "calib": str(self.calib), "inputs": str(self.inputs),
-                "tolerance": str(self.tolerance) if self.tolerance else None, "max_drop": self.max_drop,
-                "evaluator": getattr(self.evaluator, "__name__", None), "providers": self.providers,
-                "devices": list(self.devices), "repeats": self.repeats, "batch_size": self.batch_size}
-
-
-class TuneCache:
-    """Every result of a tune run, in ``OUTPUT/.tune-cache``: built models and a JSON of measurements
-    keyed by stage and candidate. The key includes what the results depend on (the model, the data, the
-    tolerance), so a changed setting measures again."""
-
-    def __init__(self, folder: Path, context: dict):
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / "measurements.json"
-        digest = hashlib.sha256(json.dumps(context, sort_keys=True).encode()).hexdigest()[:16]
-        stored = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.entries: dict[str, Any] = stored.get("entries", {}) if stored.get("context") == digest else {}
-        self.context = digest
-        self.computed = 0  # measurements made by this run (the rest came from the cache)
-
-    def get(self, key: str):
-        return self.entries.get(key)
-
-    def put(self, key: str, value) -> None:
-        self.entries[key] = value
-        self.computed += 1
-        io.write_atomic(self.path, json.dumps({"context": self.context, "entries": self.entries}))
-
-    def model_path(self, candidate: Candidate) -> Path:
-        return self.folder / f"{candidate.key}.onnx"
-
-
-def held_out(model: onnx.ModelProto, path: Path) -> tuple[dict, dict]:
-    """``(feeds, extras)`` of the held-out .npz: the arrays keyed by model inputs (checked), and the others
-    (labels for an evaluator)."""
-    names = {spec.name for spec in model_inputs(model)}
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise OnnxlrError(f"cannot read --inputs {path}: {exc}") from None
-    feeds = {k: v for k, v in arrays.items() if k in names}
-    check_feeds(model, feeds, str(path))
-    return feeds, {k: v for k, v in arrays.items() if k not in names}
-
-
-@dataclass
-class Verdict:
-    """A candidate's outputs on one provider against the tolerance: ``holds`` and what was measured."""
-
-    holds: bool
-    measured: dict = field(default_factory=dict)  # output -> measured value of the tolerance's metric
-    score: float | None = None
-    reason: str = ""
-
-
-def judge(options: TuneOptions, reference: dict, produced: dict, data: dict, reference_score: float | None
-          ) -> Verdict:
-    """Whether ``produced`` (output name -> array) meets the tolerance against ``reference``."""
-    verdict = Verdict(True)
-    for name, ref in reference.items():
-        comparison = compare(name, ref, produced[name])
-        if options.tolerance is not None:
-            verdict.measured[name] = options.tolerance.measured(comparison)
-            if not options.tolerance.holds(comparison):
-                verdict.holds = False
-                verdict.reason = f"output {name}: {options.tolerance.verdict(comparison)}"
-    if options.evaluator is not None:
-        verdict.score = float(options.evaluator(produced, data))
-        if verdict.holds and verdict.score < reference_score - options.max_drop:
-            verdict.holds = False
-            verdict.reason = (f"task score {verdict.score:.4g} < {reference_score:.4g} - {options.max_drop:g} "
-                              f"(the original's, less --max-drop)")
-    return verdict
-
-
-def run_outputs(device: Device, models: dict[str, bytes], feeds: dict, provider: str, threads: int, batch_size: int,
-                repeats: int) -> dict:
-    """One runner call: every model on ``provider`` of ``device``, outputs of all ``feeds`` and (unless
-    emulated) latencies interleaved on the first batch."""
-    response = device.run(models, feeds, providers=[provider], threads=threads, batch_size=batch_size, warmup=3,
-                          repeats=repeats, profile_runs=0)
-    (result,) = response["results"]
-    if not result["available"] or result["reason"] and not result["failed"]:
-        return None  # not in that device's build (or not a device: Azure)
-    return {"emulated": response.get("emulated", ""), "failed": result["failed"], "reason": result["reason"],
-            "models": result["models"]}
 
 
 def tune(options: TuneOptions) -> dict:
@@ -214,6 +60,8 @@ class _Search:
         self.feeds, self.extras = held_out(self.model, options.inputs)
         self.data = {**self.feeds, **self.extras}
         self.threads = options.threads or default_threads()
+        # a model exported with a fixed batch runs that many samples at a time
+        self.batch_size = fixed_batch(self.model) or options.batch_size
         io.check_output_path(options.output / "tune.json", options.model)
         context = {"model": hashlib.sha256(self.model.SerializeToString()).hexdigest(),
                    "inputs": hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for v in self.data.values())
@@ -237,7 +85,9 @@ class _Search:
     def _reference_run(self) -> dict:
         """The original's outputs on this machine's CPU (and its task score)."""
         response = run_outputs(Device("local"), {"original": self.model.SerializeToString()}, self.feeds,
-                               "CPUExecutionProvider", self.threads, self.options.batch_size, repeats=0)
+                               "CPUExecutionProvider", self.threads, self.batch_size, repeats=0)
+        if response["failed"]:
+            raise OnnxlrError(f"the original model does not run on the held-out data: {response['reason']}")
         outputs = response["models"]["original"]["outputs"]
         score = self.options.evaluator(outputs, self.data) if self.options.evaluator else None
         return {"outputs": outputs, "score": score}
@@ -259,7 +109,7 @@ class _Search:
             check = self.cache.get(f"check/{candidate.key}")
             if check is None:
                 response = run_outputs(Device("local"), {"candidate": self.cache.model_path(candidate).read_bytes()},
-                                       self.feeds, "CPUExecutionProvider", self.threads, self.options.batch_size, 0)
+                                       self.feeds, "CPUExecutionProvider", self.threads, self.batch_size, 0)
                 if response["failed"]:
                     check = {"holds": False, "reason": f"does not run: {response['reason']}"}
                 else:
@@ -306,8 +156,7 @@ class _Search:
         models = {"original": self.model.SerializeToString(),
                   **{c.name: self.cache.model_path(c).read_bytes() for c in passed}}
         for device in [Device("local"), *(Device.parse(d) for d in self.options.devices)]:
-            for spec in specs:
-                provider = spec.name
+            for provider in self._providers_on(device, specs):
                 label = f"{device.label}/{provider}"
                 key = f"time/{label}/{'+'.join(sorted(c.key for c in passed))}"
                 timed = self.cache.get(key)
@@ -318,16 +167,28 @@ class _Search:
                 if timed.get("absent"):
                     continue
                 targets.append({"device": device.label, "provider": provider, **timed})
-        missing = {s.name for s in specs} - {t["provider"] for t in targets}
+        missing = {s.name for s in specs if s.name != ALL} - {t["provider"] for t in targets}
         if missing:
             raise OnnxlrError(f"provider {sorted(missing)[0]} is in none of the devices' onnxruntime builds "
                               "(`onnxlr providers` lists this one's)")
         return targets
 
+    def _providers_on(self, device: Device, specs) -> list[str]:
+        """The providers asked for, ``all`` standing for every provider of ``device``'s build."""
+        names = [s.name for s in specs if s.name != ALL]
+        if len(names) == len(specs):
+            return names
+        response = device.run({}, self._first_sample(), providers=[], threads=self.threads, batch_size=1, repeats=0)
+        return names + [p for p in response["available"] if p not in names and p not in NOT_DEVICES]
+
+    def _first_sample(self) -> dict:
+        feeds = self.feeds
+        return {k: v[:1] for k, v in feeds.items()} if all(np.ndim(v) for v in feeds.values()) else feeds
+
     def _time_target(self, device: Device, provider: str, models: dict[str, bytes]) -> dict:
         feeds = self.feeds
-        probe = run_outputs(device, {"original": models["original"]}, {k: v[:1] for k, v in feeds.items()} if
-                            all(np.ndim(v) for v in feeds.values()) else feeds, provider, self.threads, 1, 0)
+        probe = run_outputs(device, {"original": models["original"]}, self._first_sample(), provider, self.threads,
+                            1, 0)
         if probe is None:
             return {"absent": True}
         if probe["failed"]:
@@ -335,7 +196,7 @@ class _Search:
                     "unusable": f"the original model does not run here: {probe['reason'][:200]}"}
         if probe["emulated"]:
             return self._check_emulated(device, provider, models, probe["emulated"])
-        ran = run_outputs(device, models, feeds, provider, self.threads, self.options.batch_size, self.options.repeats)
+        ran = run_outputs(device, models, feeds, provider, self.threads, self.batch_size, self.options.repeats)
         reference = ran["models"]["original"]["outputs"]
         score = self.options.evaluator(reference, self.data) if self.options.evaluator else None
         out = {"emulated": "", "samples": _rows(feeds), "candidates": {},
@@ -357,9 +218,9 @@ class _Search:
         breaks there. Its tolerance was judged on every held-out sample already; a few samples cannot
         judge it again (one flipped label of 16 is a 6% disagreement)."""
         feeds = {k: (v[:EMULATED_SAMPLES] if np.ndim(v) else v) for k, v in self.feeds.items()}
-        there = run_outputs(device, models, feeds, provider, self.threads, self.options.batch_size, 0)
+        there = run_outputs(device, models, feeds, provider, self.threads, self.batch_size, 0)
         here = run_outputs(Device("local"), models, feeds, "CPUExecutionProvider", self.threads,
-                           self.options.batch_size, 0)
+                           self.batch_size, 0)
         out = {"emulated": emulated, "samples": _rows(feeds), "candidates": {}}
         for name in models:
             if name == "original":
@@ -388,7 +249,7 @@ class _Search:
                     "median_ms": (result.get("latency") or {}).get("median_ms")}
             if target.get("unusable"):
                 picks.append({"device": target["device"], "provider": target["provider"], "pick": None,
-                              "reason": target["unusable"]})
+                              "reason": target["unusable"], "original_median_ms": None})
                 continue
             if target["emulated"]:
                 continue
@@ -403,13 +264,15 @@ class _Search:
                 self.rows[name]["status"] = "picked"
             picks.append({"device": target["device"], "provider": target["provider"], "pick": pick,
                           "reason": "" if pick else target.get("slower") or
-                          "no candidate meets the tolerance here: deploy the original"})
+                          "no candidate meets the tolerance here: deploy the original",
+                          "original_median_ms": (target.get("original_latency") or {}).get("median_ms")})
         for row in self.rows.values():
             if row["status"] == "passed check":
                 row.update(status="not picked", reason=_not_picked(row, picks))
         emulated = [{"device": t["device"], "provider": t["provider"], "emulated": t["emulated"],
                      "samples": t["samples"]} for t in targets if t["emulated"]]
         return {"manifest_version": MANIFEST_VERSION, "model": str(self.options.model),
+                "model_bytes": len(self.model.SerializeToString()),
                 "settings": self.options.settings(), "targets": picks, "emulated_checks": emulated,
                 "candidates": list(self.rows.values()), "measurements_made": self.cache.computed,
                 "seconds": round(time.perf_counter() - self.started, 1)}

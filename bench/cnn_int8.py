@@ -1,0 +1,165 @@
+"""Static int8 for CNNs (issue #21): onnxlr's int8-cnn route against ONNX Runtime's quantize_static, per
+reference CNN, speed and task output side by side.
+
+    flock /work/scratch/timing.lock python bench/cnn_int8.py [--models layout,orientation] [--write docs/benchmarks.md]
+
+Per model (:mod:`onnxlr.models.cnn`), in one process: fp32 (twice: the noise pair), fp32 after onnxlr's
+exact float rewrites (BatchNorm folding, HardSwish fusion), ORT ``quantize_static`` QDQ per channel as a
+user runs it by default (after ``quant_pre_process``), the same with the head excluded by hand the way ORT
+maintainers advise (``reduce_range=True``, the nodes from each output back to its nearest weight layer in
+``nodes_to_exclude``), and onnxlr (``onnxlr.planning.conv_int8.search``: choices judged by the task on the
+calibration data, int8 kept only if measured faster). Latency: interleaved runs on the model's timing
+input after warm-ups, medians, speed-up = fp32 median / variant median. Task check on held-out data
+disjoint from calibration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+from onnxlr.graph import import_graph
+from onnxlr.integer_regions import head_nodes
+from onnxlr.models import cnn
+from onnxlr.passes.fold_constants import FoldConstants
+from onnxlr.passes.name_nodes import NameNodes
+from onnxlr.pipeline import PassManager
+from onnxlr.planning import conv_int8
+from onnxlr.runtimes.calibration import StatisticsService
+from onnxlr.runtimes.devices import Device
+from onnxlr.runtimes.fusions import fused_op_counts
+from onnxlr.runtimes.latency import measure
+from onnxlr.runtimes.providers import make_session
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import THREADS, bench_parser, emit, machine, marked  # noqa: E402
+
+MARK = "cnn_int8"
+OPENVINO = Path(__file__).resolve().parents[1] / ".venv-openvino" / "bin" / "python"
+
+
+def prepared(path: Path) -> onnx.ModelProto:
+    """The model as onnxlr's optimizer sees it: opset ≥ 13 (per-axis DequantizeLinear), nodes named,
+    computed constants folded."""
+    model = onnx.load(str(path))
+    if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 13:
+        model = onnx.version_converter.convert_version(model, 13)
+    return PassManager([NameNodes(), FoldConstants()]).run(model)[0]
+
+
+class _Reader:
+    def __init__(self, feeds):
+        self.feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+def ort_anchors(model: onnx.ModelProto, calib: list[dict]) -> dict[str, bytes]:
+    """ORT quantize_static QDQ per channel: default, and head excluded by hand."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = {}
+    # ORT's symbolic shape inference writes scratch files into the working directory
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+        src, pre = Path(tmp) / "src.onnx", Path(tmp) / "pre.onnx"
+        onnx.save(model, str(src))
+        try:
+            quant_pre_process(str(src), str(pre))
+        except Exception:  # noqa: BLE001 - PP-OCR: "Incomplete symbolic shape inference"
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        head = sorted(head_nodes(import_graph(onnx.load(str(pre)))))
+        for label, kwargs in (("ORT static QDQ, default", {}),
+                              ("ORT static QDQ, head excluded by hand", {"reduce_range": True, "nodes_to_exclude": head})):
+            dst = Path(tmp) / "q.onnx"
+            quantize_static(str(pre), str(dst), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True, **kwargs)
+            out[label] = dst.read_bytes()
+    return out
+
+
+def variants(ref: cnn.Reference, repeats: int) -> tuple[dict[str, bytes], dict]:
+    model = prepared(ref.path)
+    start = time.perf_counter()
+    service = StatisticsService.of(model, ref.calib, batch_size=1 if ref.name != "ppocr_rec" else 8, threads=THREADS)
+    calib_ref = ref.task(model, ref.calib_task)
+    evaluate = lambda m: ref.compare(calib_ref, ref.task(m, ref.calib_task))["error"]  # noqa: E731
+    # entropy ranges are left out here for time (KL over ~400 tensors per build); the search offers them
+    result = conv_int8.search(model, service, evaluate=evaluate, threads=THREADS, repeats=repeats,
+                              rules=("minmax", "mse", "percentile"))
+    built = {"seconds": time.perf_counter() - start, **result.search.config}
+    fp32 = ref.path.read_bytes()
+    models = {"fp32": fp32, "fp32 (noise pair)": fp32,
+              "fp32 + onnxlr float rewrites": conv_int8.float_prepass(model)[0].SerializeToString(),
+              **ort_anchors(model, ref.calib), "onnxlr int8-cnn": result.model.SerializeToString()}
+    if built["kept"] == "float":  # what the search measured and rejected, to show why
+        models["onnxlr int8 candidate (rejected by the search)"] = result.int8.SerializeToString()
+    return models, built
+
+
+def openvino_times(models: dict[str, bytes], feed: dict, repeats: int) -> dict[str, float]:
+    """Median ms of each model on OpenVINO EP through ``--device OPENVINO`` (every model interleaved in
+    one process there); empty without that device."""
+    if not OPENVINO.exists():
+        return {}
+    response = Device.parse(str(OPENVINO)).run(models, feed, providers=["OpenVINOExecutionProvider"], threads=THREADS,
+                                               batch_size=1, warmup=3, repeats=repeats, profile_runs=0)
+    (result,) = response["results"]
+    return {label: entry["latency"]["median_ms"] for label, entry in result["models"].items() if "latency" in entry}
+
+
+def rows(ref: cnn.Reference, repeats: int) -> tuple[list[str], dict]:
+    models, built = variants(ref, repeats)
+    sessions = {label: make_session(blob, "CPUExecutionProvider", THREADS) for label, blob in models.items()}
+    times = measure(sessions, ref.timing, warmup=3, repeats=repeats)
+    base = times["fp32"].median_ms
+    reference = ref.outputs(sessions["fp32"], ref.heldout)
+    vino = openvino_times(models, ref.timing, repeats)
+    out = []
+    for label, blob in models.items():
+        check = ref.compare(reference, ref.outputs(sessions[label], ref.heldout))
+        convs = fused_op_counts(blob, THREADS).get("QLinearConv", 0)
+        ov = f"{vino[label]:.3g} ({vino['fp32'] / vino[label]:.2f}×)" if label in vino and "fp32" in vino else "-"
+        out.append(f"| {ref.name} | {label} | {times[label].median_ms:.1f} | {base / times[label].median_ms:.2f}× | "
+                   f"{ov} | {len(blob) / 1e6:.2f} | {convs} | {check['summary']} |")
+    return out, built
+
+
+def section(names: list[str], cache: Path, repeats: int) -> str:
+    lines = ["## Static int8 for CNNs, issue #21", "",
+             f"Command: `flock /work/scratch/timing.lock python bench/cnn_int8.py --write docs/benchmarks.md` "
+             f"({machine()}; {repeats} interleaved timed runs of every variant of a model after 3 warm-ups, one "
+             "process; speed-up = fp32 median / variant median; the noise pair is fp32 loaded twice). QLinearConv = "
+             "integer convs in ONNX Runtime's optimized graph. Task check on held-out data (models/cnn.py).", "",
+             "OpenVINO: the same models on OpenVINOExecutionProvider through `--device .venv-openvino/bin/python` "
+             "(interleaved there, median ms and speed-up over its fp32).", "",
+             "| model | variant | CPU EP median (ms) | CPU EP speed-up | OpenVINO EP median (speed-up) | size (MB) | "
+             "QLinearConv | task check (held-out, CPU EP) |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name in names:
+        table, built = rows(cnn.reference(name, cache), repeats)
+        print("\n".join(table), file=sys.stderr, flush=True)  # each model's rows as soon as they are measured
+        lines += table
+        notes.append(f"- {name}: onnxlr kept **{built['kept']}** (search: int8 {built['speedup']}× of the float "
+                     f"rewrites on a calibration batch, noise {built['noise']}); choice {built['choice']}; "
+                     f"{built['int8_convs_planned']} convs planned int8, {built['qlinearconv']} QLinearConv; "
+                     f"built in {built['seconds']:.0f} s")
+    return marked(MARK, [*lines, "", *notes])
+
+
+def main(argv=None) -> int:
+    parser = bench_parser(__doc__, MARK)
+    parser.add_argument("--models", default=",".join(cnn.NAMES))
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    return emit(section(args.models.split(","), args.cache_dir, args.repeats), args, MARK)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
