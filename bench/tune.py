@@ -152,7 +152,7 @@ def _side_by_side(search, manifest, recipes, picks, devices, repeats) -> list[st
         if not target["pick"] and target["reason"].startswith("the original model does not run"):
             continue
         device = Device.parse(target["device"])
-        ran = tuning.run_outputs(device, models, search.feeds, target["provider"], THREADS, 8, repeats)
+        ran = tuning.run_outputs(device, models, search.feeds, target["provider"], THREADS, search.batch_size, repeats)
         reference = ran["models"]["original"]["outputs"]
         score = search.options.evaluator(reference, search.data) if search.options.evaluator else None
         base = ran["models"]["original"]["latency"]["median_ms"]

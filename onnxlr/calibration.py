@@ -107,7 +107,9 @@ class CalibrationSet:
         """The batches again, ``batch_size`` rows each (file and dict sources) and at most ``samples``
         (and at most the set's own limit)."""
         limit = min(s for s in (samples, self.samples) if s is not None) if samples or self.samples else None
-        return calibration_batches(self.source, self.model, samples=limit, batch_size=batch_size or self.batch_size)
+        # a fixed-batch model runs its own batch whatever a search asks for
+        size = fixed_batch(self.model) or batch_size or self.batch_size
+        return calibration_batches(self.source, self.model, samples=limit, batch_size=size)
 
 
 def find_mask_input(model: onnx.ModelProto, mask: str | None = None) -> str | None:

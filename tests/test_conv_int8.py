@@ -291,3 +291,16 @@ def test_int8_cnn_recipe_runs_through_optimize(tmp_path):
     kept = search.config["kept"]
     assert kept == ("int8" if search.config["speedup"] >= max(1.05, 1 + search.config["noise"]) else "float")
     assert optimized_ops(optimized).count("QLinearConv") == (planned if kept == "int8" else 0)
+
+
+def test_int8_that_changes_the_task_on_calibration_data_is_rejected():
+    from onnxlr.planning import conv_int8
+
+    net = Net()
+    out = net.conv(net.op("Relu", [net.conv("x", 8, 16)]), 16, 8)
+    model = net.model([out])
+    service = StatisticsService.of(model, data(net.shape, 8), batch_size=2, threads=1)
+    result = conv_int8.search(model, service, evaluate=lambda m: 0.5, rules=("minmax",), repeats=3)
+    assert result.search.config["kept"] == "float" and result.search.config["task_error"] == 0.5
+    assert "changes the task output" in result.search.layers[0].details["verdict"]
+    assert result.int8 is not None and optimized_ops(result.model).count("QLinearConv") == 0

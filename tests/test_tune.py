@@ -218,3 +218,18 @@ def test_all_providers_means_every_provider_of_each_devices_build():
     found = search._providers_on(Device("local"), parse_provider_specs("all"))
     assert found == [p for p in ort.get_available_providers() if p != "AzureExecutionProvider"]
     assert search._providers_on(Device("local"), parse_provider_specs("cpu")) == ["CPUExecutionProvider"]
+
+
+def test_a_fixed_batch_model_is_tuned_one_sample_at_a_time(capsys, tmp_path):
+    """An export with its batch fixed at 1 reads the ordinary stacked held-out file (issue #20's rule)."""
+    stem = FIXTURES / "torch_fixed_batch1"
+    code = cli.main(["tune", f"{stem}.onnx", "--calib", f"{stem}.calib.npz", "--inputs", f"{stem}.inputs.npz",
+                     "-o", str(tmp_path / "tuned"), "-q", "--repeats", "3", "--candidates", "int8,lowrank params=0.9",
+                     "--max-error", "cosine=0.9"])
+    assert message_lines(capsys.readouterr().err) == []
+    manifest = json.loads((tmp_path / "tuned" / "tune.json").read_text())
+    assert code in (0, 1) and manifest["settings"]["batch_size"] == 8
+    rows = {c["name"]: c for c in manifest["candidates"]}
+    assert rows["int8"]["check"]["holds"]  # built, and checked on every held-out sample
+    assert rows["lowrank params=0.9"]["status"] != "failed", rows["lowrank params=0.9"]["reason"]
+    assert manifest["targets"][0]["original_median_ms"] > 0

@@ -13,7 +13,8 @@ error of the outputs against the float model, top-1 disagreement for classifier-
    in float or int8 — a range-mixing Concat/Split is kept float in any case by the writer;
 4. then latency on the target: the float model and the int8 candidates are timed interleaved on a
    calibration batch (boundary Q/DQ and transposes included, as they run); int8 is kept only when the
-   whole model is faster by more than the run's noise — a LeNet's tiny convs and a depthwise-heavy
+   whole model is faster by more than the run's noise (and, with ``evaluate``, only when its task output
+   on the calibration data is unchanged) — a LeNet's tiny convs and a depthwise-heavy
    classifier at 224² are not, and stay float.
 
 ONNX Runtime's optimized graph is inspected to confirm that the int8 convs became ``QLinearConv``.
@@ -96,6 +97,7 @@ class ConvInt8Search:
         self.reference = [reference.run(None, feeds) for feeds in self.batches]
         self.head = head_nodes(import_graph(self.gated))
         self.trials: list[dict] = []
+        self.best: tuple[float, ...] = (0.0, 0.0)  # the chosen trial's (task error, divergence)
         self._equalized: tuple[onnx.ModelProto, PassRecord] | None = None
 
     def equalized(self) -> tuple[onnx.ModelProto, PassRecord]:
@@ -146,6 +148,7 @@ class ConvInt8Search:
             key, cand_model, cand_records = self.trial(candidate)
             if key <= best:  # kept only if the outputs do not get worse
                 best, model, records, choice = key, cand_model, cand_records, candidate
+        self.best = best
         return choice, model, records
 
 
@@ -160,14 +163,21 @@ def search(model: onnx.ModelProto, service, *, evaluate=None, provider: str = "C
     noise = timed.get("noise") or 0.0
     counts = fused_op_counts(int8_model.SerializeToString(), run.threads)
     planned = sum(1 for r in int8_records for c in r.rewritten if r.name == "quantize_conv_int8" and c.op == "Conv")
-    keep_int8 = speedup >= max(MIN_SPEEDUP, 1.0 + noise)
+    # with a task check, int8 must also leave the task output on the calibration data unchanged
+    task_error = run.best[0] if evaluate is not None else 0.0
+    keep_int8 = speedup >= max(MIN_SPEEDUP, 1.0 + noise) and task_error <= 0.0
     summary = {"choice": dataclasses.asdict(choice), "trials": run.trials, "float_ms": timed["float"],
                "int8_ms": timed["int8"], "speedup": round(speedup, 3), "noise": round(noise, 3),
                "provider": provider, "qlinearconv": counts.get("QLinearConv", 0), "int8_convs_planned": planned,
-               "kept": "int8" if keep_int8 else "float"}
-    verdict = (f"int8 kept: {speedup:.2f}x faster than float on {provider}" if keep_int8 else
-               f"int8 rejected: {speedup:.2f}x of float's speed on {provider} (needs {max(MIN_SPEEDUP, 1 + noise):.2f}x); "
-               "every conv stays float")
+               "kept": "int8" if keep_int8 else "float", "task_error": task_error}
+    if keep_int8:
+        verdict = f"int8 kept: {speedup:.2f}x faster than float on {provider}"
+    elif task_error > 0:
+        verdict = (f"int8 rejected: the best choice changes the task output on the calibration data (error "
+                   f"{task_error:.4g}); every conv stays float")
+    else:
+        verdict = (f"int8 rejected: {speedup:.2f}x of float's speed on {provider} (needs "
+                   f"{max(MIN_SPEEDUP, 1 + noise):.2f}x); every conv stays float")
     record = PassRecord("conv_int8_search", summary, [LayerChange("model", "int8", "rewritten" if keep_int8 else "skipped",
                                                                   "" if keep_int8 else verdict, {"verdict": verdict})])
     if keep_int8:
