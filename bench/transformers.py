@@ -52,9 +52,9 @@ from common import bench_parser, embedding_cells, emit, interleaved_rounds, mach
 
 MARK = "transformers"
 THREADS = 2
-FP32, NOISE, ORT, ORT_SOFT, ORT_OPT, ONNXLR = (
+FP32, NOISE, ORT, ORT_SOFT, ORT_OPT = (
     "fp32", "fp32 (second session: noise pair)", "ORT dynamic int8 per channel", "ORT dynamic int8 + softened mask",
-    "ORT transformer optimizer + dynamic int8", "onnxlr int8")
+    "ORT transformer optimizer + dynamic int8")
 
 
 @dataclass(frozen=True)
@@ -155,14 +155,17 @@ def ort_variants(path: Path, heads: int, hidden: int) -> tuple[dict[str, tuple[b
     return out, fused
 
 
-def build_variants(path: Path, calib_npz: Path, heads: int, hidden: int) -> tuple[dict[str, tuple[bytes, float]], dict]:
-    """label -> (serialized model, seconds to build it); and the ORT optimizer's fused-operator counts."""
+def build_variants(path: Path, calib_npz: Path, heads: int, hidden: int, recipes: tuple[str, ...] = ("int8",)
+                   ) -> tuple[dict[str, tuple[bytes, float]], dict]:
+    """label -> (serialized model, seconds to build it), the anchors and onnxlr's ``recipes``; and the ORT
+    optimizer's fused-operator counts."""
     out = {FP32: (path.read_bytes(), 0.0)}
     anchors, fused = ort_variants(path, heads, hidden)
     out.update(anchors)
-    start = time.perf_counter()
-    model, _ = onnxlr.optimize(path, recipe="int8", calib=calib_npz, validate=False)
-    out[ONNXLR] = (model.SerializeToString(), time.perf_counter() - start)
+    for recipe in recipes:
+        start = time.perf_counter()
+        model, _ = onnxlr.optimize(path, recipe=recipe, calib=calib_npz, validate=False)
+        out[f"onnxlr {recipe}"] = (model.SerializeToString(), time.perf_counter() - start)
     return out, fused
 
 
@@ -186,17 +189,19 @@ def table(subject: Subject, models: dict[str, tuple[bytes, float]], cells: dict[
     return rows
 
 
-def section(model: str, cache: Path, count: int, repeats: int, batch: int = 8, lock: Path | None = None) -> str:
+def section(model: str, cache: Path, count: int, repeats: int, batch: int = 8, lock: Path | None = None,
+            recipes: tuple[str, ...] = ("int8",)) -> str:
     """Build the variants, score them on the held-out data, time them (under ``lock``); the markdown section."""
     subject = SUBJECTS[model]
     path, calib_npz, feeds, extra = subject.prepare(cache)
-    models, fused = build_variants(path, calib_npz, subject.heads, subject.hidden)
+    models, fused = build_variants(path, calib_npz, subject.heads, subject.hidden, recipes)
     cells = task_cells(subject, models, feeds, extra)  # before the lock: only the timing holds it
     timed = interleaved_rounds(models, {k: v[:batch] for k, v in feeds.items()}, count, repeats, lock) if count else []
     rows = table(subject, models, cells, timed)
     options = "" if model == "minilm" else f" --model {model}"
     options += f" --batch {batch}" if batch != 8 else ""
     options += f" --lock {lock}" if lock else ""
+    options += f" --recipes {','.join(recipes)}" if recipes != ("int8",) else ""
     about = subject.about.format(batch=batch, seq=feeds["input_ids"].shape[1])
     lines = [
         f"## {subject.title}",
@@ -226,10 +231,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--batch", type=int, default=8, help="held-out rows per timed run")
+    parser.add_argument("--recipes", default="int8", help="onnxlr recipes to build, comma-separated")
     parser.add_argument("--lock", type=Path, help="time only while holding this file's lock (e.g. "
                         "/work/scratch/timing.lock): the builds and task metrics run unlocked")
     args = parser.parse_args(argv)
-    body = section(args.model, args.cache_dir, args.rounds, args.repeats, args.batch, args.lock)
+    body = section(args.model, args.cache_dir, args.rounds, args.repeats, args.batch, args.lock,
+                   tuple(args.recipes.split(",")))
     return emit(body, args, SUBJECTS[args.model].mark)
 
 
