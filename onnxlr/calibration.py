@@ -96,7 +96,9 @@ class CalibrationSet:
         if isinstance(source, Iterator):
             source = list(source)
         # a model exported with a fixed batch runs that many samples at a time, whatever the data's stacking
-        batch_size = fixed_batch(model) or batch_size
+        # or the batch size a search asks for (:meth:`batches`)
+        self.fixed_batch = fixed_batch(model)
+        batch_size = self.fixed_batch or batch_size
         self.source, self.model, self.samples, self.batch_size = source, model, samples, batch_size
         calibration_batches(source, model, samples=samples, batch_size=batch_size)  # fail on a bad source now
 
@@ -107,8 +109,7 @@ class CalibrationSet:
         """The batches again, ``batch_size`` rows each (file and dict sources) and at most ``samples``
         (and at most the set's own limit)."""
         limit = min(s for s in (samples, self.samples) if s is not None) if samples or self.samples else None
-        # a fixed-batch model runs its own batch whatever a search asks for
-        size = fixed_batch(self.model) or batch_size or self.batch_size
+        size = self.fixed_batch or batch_size or self.batch_size
         return calibration_batches(self.source, self.model, samples=limit, batch_size=size)
 
 

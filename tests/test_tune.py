@@ -205,15 +205,18 @@ def test_the_page_shows_each_targets_plot_the_pick_and_why_candidates_were_dropp
         driver.quit()
 
 
-def test_all_providers_means_every_provider_of_each_devices_build():
+def test_all_providers_means_every_provider_of_each_devices_build(tmp_path):
+    import onnxruntime as ort
+
+    from onnxlr.compare import parse_tolerance
     from onnxlr.runtimes.devices import Device
     from onnxlr.runtimes.providers import parse_provider_specs
 
-    options = tune_module.TuneOptions(model=FIXTURES / "skl_mlp_raw.onnx", calib=FIXTURES / "digits.npz",
-                                      inputs=FIXTURES / "digits.npz", output=Path("unused"), evaluator=len, max_drop=0)
-    search = tune_module._Search.__new__(tune_module._Search)  # only the device query is exercised
-    search.feeds, search.threads, search.options = {"input": np.zeros((4, 64), np.float32)}, 1, options
-    import onnxruntime as ort
+    stem = FIXTURES / "skl_mlp_raw"
+    options = tune_module.TuneOptions(model=Path(f"{stem}.onnx"), calib=Path(f"{stem}.calib.npz"),
+                                      inputs=Path(f"{stem}.inputs.npz"), output=tmp_path,
+                                      tolerance=parse_tolerance("top1=0.9"))
+    search = tune_module._Search(options)
 
     found = search._providers_on(Device("local"), parse_provider_specs("all"))
     assert found == [p for p in ort.get_available_providers() if p != "AzureExecutionProvider"]
