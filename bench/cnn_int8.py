@@ -147,7 +147,8 @@ def section(names: list[str], cache: Path, repeats: int) -> str:
         print("\n".join(table), file=sys.stderr, flush=True)  # each model's rows as soon as they are measured
         lines += table
         notes.append(f"- {name}: onnxlr kept **{built['kept']}** (search: int8 {built['speedup']}× of the float "
-                     f"rewrites on a calibration batch, noise {built['noise']}); choice {built['choice']}; "
+                     f"rewrites on a calibration batch, noise {built['noise']}); choice: {built['choice_label']}; "
+                     f"task error on the calibration data {built['task_error']:.3g}; "
                      f"{built['int8_convs_planned']} convs planned int8, {built['qlinearconv']} QLinearConv; "
                      f"built in {built['seconds']:.0f} s")
     return marked(MARK, [*lines, "", *notes])

@@ -177,7 +177,8 @@ def span(value_range: tuple[float, float]) -> float:
 def range_mixing(graph: gs.Graph, ranges: dict[str, tuple[float, float]], ratio: float = 16.0) -> dict[str, str]:
     """Nodes to keep float because one scale would mix ranges: a Concat whose inputs' spans differ more
     than ``ratio``× (a YOLO head joining pixel boxes 0–640 with 0–1 scores) together with everything after
-    it, and a Split whose outputs' spans differ so, with its producer. Returns node name → reason."""
+    it and the wide-range arithmetic computing its inputs (:func:`wide_producers`), and a Split whose
+    outputs' spans differ so, with its producer. Returns node name → reason."""
     found: dict[str, str] = {}
     for node in graph.nodes:
         if node.op == "Concat":
@@ -198,6 +199,30 @@ def range_mixing(graph: gs.Graph, ranges: dict[str, tuple[float, float]], ratio:
         if node.op == "Concat":
             for later in downstream(node):
                 found.setdefault(later.name, "after " + why)
+            for earlier in wide_producers(node, ranges, ratio * max(min(spans), 1e-12)):
+                found.setdefault(earlier.name, "computes a wide input of " + why)
+    return found
+
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def wide_producers(concat: gs.Node, ranges: dict[str, tuple[float, float]], limit: float) -> list[gs.Node]:
+    """The arithmetic before a range-mixing ``concat`` whose outputs span more than ``limit``: a YOLO
+    decode's ``(raw + grid) * stride`` and ``exp(raw) * stride`` in pixels. Kept float with the Concat,
+    else they run int8 on pixel coordinates (a 1.6 px step over 0–416). The walk stops at a tensor of
+    narrow range (the raw regressions, fine in int8) and at weight layers."""
+    found, seen = [], set()
+    stack = [t for t in concat.inputs if not isinstance(t, gs.Constant)]
+    while stack:
+        tensor = stack.pop()
+        node = tensor.inputs[0] if tensor.inputs else None
+        if node is None or node.name in seen or node.op in WEIGHT_OPS or tensor.name not in ranges \
+                or span(ranges[tensor.name]) <= limit:
+            continue
+        seen.add(node.name)
+        found.append(node)
+        stack += [t for t in node.inputs if not isinstance(t, gs.Constant)]
     return found
 
 
@@ -217,7 +242,6 @@ def downstream(node: gs.Node) -> list[gs.Node]:
 def head_nodes(graph: gs.Graph, layers: int = 1) -> set[str]:
     """The detection/classification head found automatically: every node between a graph output and its
     ``layers`` nearest weight layers (Conv, ConvTranspose, MatMul, Gemm), those layers included."""
-    weight_ops = ("Conv", "ConvTranspose", "MatMul", "Gemm")
     found: set[str] = set()
     for output in graph.outputs:
         frontier, seen = [(output, 0)], set()
@@ -228,8 +252,8 @@ def head_nodes(graph: gs.Graph, layers: int = 1) -> set[str]:
                 continue
             seen.add(node.name)
             found.add(node.name)
-            depth += node.op in weight_ops
-            if node.op in weight_ops and depth >= layers:
+            depth += node.op in WEIGHT_OPS
+            if node.op in WEIGHT_OPS and depth >= layers:
                 continue
             frontier.extend((t, depth) for t in node.inputs if not isinstance(t, gs.Constant))
     return found

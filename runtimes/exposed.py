@@ -73,6 +73,22 @@ def working_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onn
     return work, types
 
 
+def concrete_types(model: onnx.ModelProto, feeds: Batch) -> dict[str, onnx.TypeProto]:
+    """Tensor types inferred with the model inputs fixed to the shapes of ``feeds``: every dimension
+    known where shape inference can follow it (a detector taking any image size, whose intermediate
+    dims are otherwise free). For sizing passes only: later batches may have other shapes."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]
+    for value in fixed.graph.input:
+        if value.name in feeds and value.type.HasField("tensor_type"):
+            shape = value.type.tensor_type.shape
+            for dim, size in zip(shape.dim, np.shape(feeds[value.name])):
+                dim.Clear()
+                dim.dim_value = int(size)
+    return working_copy(fixed)[1]
+
+
 def output_info(name: str, types: Mapping[str, onnx.TypeProto]) -> onnx.ValueInfoProto:
     """A graph output for ``name``: typed (no shape) when inference knew the type, else name only —
     ONNX Runtime infers the type of an untyped output itself."""

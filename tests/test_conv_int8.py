@@ -258,7 +258,10 @@ def test_range_mixing_concat_head_is_kept_float_automatically():
     out = net.op("Transpose", [net.op("Reshape", [head, net.const_int([2, 8, -1])])], perm=[0, 2, 1])
     model = net.model([out])
     qmodel, record = quantize(model, data(net.shape, 8))
-    assert list(record.config["range_mixing"]) == [n.name for n in model.graph.node if n.op_type == "Concat"]
+    concat, pixels = ([n.name for n in model.graph.node if n.op_type == op] for op in ("Concat", "Mul"))
+    # the Concat, and the arithmetic making its pixel-range input (int8 steps of 300/255 there otherwise)
+    assert list(record.config["range_mixing"]) == concat + pixels
+    assert record.config["range_mixing"][pixels[0]].startswith("computes a wide input")
     skipped = {c.node: c.reason for c in record.skipped}
     assert any("range-mixing" in why for why in skipped.values())
     x = data(net.shape)["x"]
@@ -304,3 +307,48 @@ def test_int8_that_changes_the_task_on_calibration_data_is_rejected():
     assert result.search.config["kept"] == "float" and result.search.config["task_error"] == 0.5
     assert "changes the task output" in result.search.layers[0].details["verdict"]
     assert result.int8 is not None and optimized_ops(result.model).count("QLinearConv") == 0
+
+
+def _outlier_channel_net() -> tuple[onnx.ModelProto, str, str]:
+    """conv → Relu → conv whose output channel 0 is 1000× the others → conv that reads channel 0 at 1/1000:
+    one int8 scale for the middle tensor rounds its 15 ordinary channels to nothing. Returns the model,
+    the middle conv's name and the last conv's name."""
+    net = Net()
+    hidden = net.op("Relu", [net.conv("x", 8, 16)])
+    middle = net.conv(hidden, 16, 16)
+    w_mid = numpy_helper.to_array(net.inits[-2]).copy()
+    w_mid[0] *= 1000
+    net.inits[-2] = numpy_helper.from_array(w_mid, net.inits[-2].name)
+    out = net.conv(middle, 16, 8)
+    w_out = numpy_helper.to_array(net.inits[-2]).copy()
+    w_out[:, 0] /= 1000
+    net.inits[-2] = numpy_helper.from_array(w_out, net.inits[-2].name)
+    convs = [n.name for n in net.nodes if n.op_type == "Conv"]
+    return net.model([out]), convs[1], convs[2]
+
+
+def test_mixed_precision_keeps_float_what_the_task_needs():
+    """The middle tensor's rounding is found as the error it adds (error_added), and the search keeps its
+    producer and reader float — and nothing more than the fewest needed — so the task check holds."""
+    from onnxlr.planning import conv_int8
+
+    model, middle, last = _outlier_channel_net()
+    calib = data(model_shape := ["N", 8, 16, 16], 8)
+    reference = run(model, calib["x"])[0]
+
+    def evaluate(candidate):  # the "task": outputs within 3% of the float model's on the calibration data
+        return max(0.0, rel(reference, run(candidate, calib["x"])[0]) - 0.03)
+
+    int8, _ = quantize(model, calib, rule="minmax", bias_correction=False)
+    assert evaluate(int8) > 0.1  # int8 everywhere breaks the task
+    service = StatisticsService.of(model, calib, batch_size=2, threads=1)
+    added = conv_int8.error_added(model, int8, service.batches()[:2], threads=1)
+    worst = max(added, key=added.get)
+    assert middle in worst and last in worst  # the middle tensor: its producer and its reader
+    search = conv_int8.ConvInt8Search(model, service, evaluate=evaluate, repeats=3)
+    choice, chosen, _ = search.choose(rules=("minmax",))
+    assert search.best[0] == 0 and evaluate(chosen) == 0
+    assert {middle, last} <= set(choice.float_nodes)
+    assert len(choice.float_nodes) < len([n for n in model.graph.node])  # not everything float
+    assert any("kept float so the task" in t["choice"] or "nodes float" in t["choice"] for t in search.trials)
+    assert model_shape[1] == 8

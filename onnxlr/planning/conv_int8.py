@@ -11,7 +11,11 @@ error of the outputs against the float model, top-1 disagreement for classifier-
 2. bias correction on/off;
 3. the head (each output's nearest weight layer and what follows, :func:`integer_regions.head_nodes`)
    in float or int8 — a range-mixing Concat/Split is kept float in any case by the writer;
-4. then latency on the target: the float model and the int8 candidates are timed interleaved on a
+4. with a task check that the best choice still fails: mixed precision — the rounded nodes (convs, gates,
+   Adds, Muls…) ranked by the error each adds to its own output (relative L2 error of its output against
+   the float model, minus that of its inputs, measured on calibration batches: :func:`error_added`), and
+   the fewest of the worst kept float that leave the task output unchanged (1, 2, 4…, then bisection);
+5. then latency on the target: the float model and the int8 candidates are timed interleaved on a
    calibration batch (boundary Q/DQ and transposes included, as they run); int8 is kept only when the
    whole model is faster by more than the run's noise (and, with ``evaluate``, only when its task output
    on the calibration data is unchanged) — a LeNet's tiny convs and a depthwise-heavy
@@ -29,6 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxlr import progress
 from onnxlr.activation_ranges import RULES
@@ -42,6 +47,7 @@ from onnxlr.passes.quantize_conv_int8 import QuantizeConvInt8, QuantizeConvInt8C
 from onnxlr.pipeline import LayerChange, PassManager, PassRecord
 from onnxlr.runtimes.fusions import fused_op_counts
 from onnxlr.runtimes.latency import measure, speedup_noise
+from onnxlr.runtimes.paired import relative_errors
 from onnxlr.runtimes.providers import default_threads, make_session
 
 SCORE_BATCHES = 8  # calibration batches the choices are scored on
@@ -56,11 +62,13 @@ class Choice:
     rule: str = "mse"
     bias_correction: bool = True
     float_head: bool = False
+    float_nodes: tuple[str, ...] = ()  # nodes kept float for the task's sake (mixed precision)
 
     def label(self) -> str:
         return (f"{'CLE' if self.equalize else 'no CLE'}, {self.rule}, "
                 f"{'bias corr.' if self.bias_correction else 'no bias corr.'}, "
-                f"{'head float' if self.float_head else 'head int8'}")
+                f"{'head float' if self.float_head else 'head int8'}"
+                + (f", {len(self.float_nodes)} nodes float" if self.float_nodes else ""))
 
 
 @dataclass
@@ -114,8 +122,17 @@ class ConvInt8Search:
         if choice.equalize:
             base, record = self.equalized()
             records.append(record)
+        return self._quantize(base, choice, records)
+
+    def base(self, choice: Choice) -> onnx.ModelProto:
+        """The float model ``choice`` quantizes (equalized or not): same tensors, same names."""
+        return self.equalized()[0] if choice.equalize else self.gated
+
+    def _quantize(self, base: onnx.ModelProto, choice: Choice, records: list[PassRecord]):
         floats = {name: "in the head, kept float (chosen on the calibration data)" for name in self.head} \
             if choice.float_head else {}
+        floats.update({name: "adds the most error to its output among the int8 nodes: kept float so the task "
+                             "output on the calibration data holds" for name in choice.float_nodes})
         rewrite = QuantizeConvInt8(QuantizeConvInt8Config(rule=choice.rule, bias_correction=choice.bias_correction,
                                                           float_nodes=floats))
         rewrite.stats = self.service.collect_for(base, rewrite)
@@ -148,8 +165,42 @@ class ConvInt8Search:
             key, cand_model, cand_records = self.trial(candidate)
             if key <= best:  # kept only if the outputs do not get worse
                 best, model, records, choice = key, cand_model, cand_records, candidate
+        if self.evaluate_task is not None and best[0] > 0:
+            best, model, records, choice = self.keep_sensitive_float(choice, best, model, records)
         self.best = best
         return choice, model, records
+
+    def keep_sensitive_float(self, choice: Choice, best, model, records):
+        """The fewest nodes, worst first by :func:`error_added`, kept float so that the task output on the
+        calibration data is unchanged: 1, 2, 4… up to half the rounded nodes, then bisection between the last
+        count that failed and the first that held. Returns the (key, model, records, choice) kept — the
+        input ones when no count up to half holds."""
+        added = error_added(self.base(choice), model, self.batches[:2], self.threads)
+        ranking = sorted(added, key=added.get, reverse=True)
+
+        def worst(count: int) -> tuple[str, ...]:
+            return tuple(name for key in ranking[:count] for name in key)
+
+        progress.phase(f"mixed precision: {len(added)} rounded nodes ranked by the error they add")
+        found, failed, count = None, 0, 1
+        while found is None and count <= max(1, len(ranking) // 2):
+            trial = self.trial(dataclasses.replace(choice, float_nodes=worst(count)))
+            if trial[0][0] <= 0:
+                found = trial
+            else:
+                failed, count = count, count * 2
+        if found is None:
+            return best, model, records, choice
+        held = count
+        while held - failed > 1 and held - failed > held // 8:  # bisection to within an eighth
+            middle = (failed + held) // 2
+            trial = self.trial(dataclasses.replace(choice, float_nodes=worst(middle)))
+            if trial[0][0] <= 0:
+                found, held = trial, middle
+            else:
+                failed = middle
+        key, found_model, found_records = found
+        return key, found_model, found_records, dataclasses.replace(choice, float_nodes=worst(held))
 
 
 def search(model: onnx.ModelProto, service, *, evaluate=None, provider: str = "CPUExecutionProvider",
@@ -166,7 +217,7 @@ def search(model: onnx.ModelProto, service, *, evaluate=None, provider: str = "C
     # with a task check, int8 must also leave the task output on the calibration data unchanged
     task_error = run.best[0] if evaluate is not None else 0.0
     keep_int8 = speedup >= max(MIN_SPEEDUP, 1.0 + noise) and task_error <= 0.0
-    summary = {"choice": dataclasses.asdict(choice), "trials": run.trials, "float_ms": timed["float"],
+    summary = {"choice": dataclasses.asdict(choice), "choice_label": choice.label(), "trials": run.trials, "float_ms": timed["float"],
                "int8_ms": timed["int8"], "speedup": round(speedup, 3), "noise": round(noise, 3),
                "provider": provider, "qlinearconv": counts.get("QLinearConv", 0), "int8_convs_planned": planned,
                "kept": "int8" if keep_int8 else "float", "task_error": task_error}
@@ -183,6 +234,45 @@ def search(model: onnx.ModelProto, service, *, evaluate=None, provider: str = "C
     if keep_int8:
         return Result(int8_model, [*run.prepass_records, *int8_records], record, int8_model)
     return Result(run.prepassed, run.prepass_records, record, int8_model)
+
+
+def error_added(reference: onnx.ModelProto, model: onnx.ModelProto, batches: list[dict],
+                threads: int) -> dict[tuple[str, ...], float]:
+    """The error each node adds in ``model`` (int8) against ``reference`` (its float form, same tensor
+    names), on ``batches``: the relative L2 error of its output minus the largest of its inputs' before
+    their rounding — what rounding its inputs and its weights costs it. Keys: the reference's nodes to
+    keep float so that the node reads unrounded inputs — the node, each rounded input's producer (with an
+    activation folded into it: a Relu, a gate's Clip) and every reader of that input."""
+    graph = import_graph(reference)
+    rounded = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    present = {name for n in model.graph.node for name in n.output}
+
+    def seen(tensor) -> str | None:  # the tensor, or the folded activation's output standing for it
+        if tensor.name in present:
+            return tensor.name
+        folded = [r for r in tensor.outputs if r.op in ("Relu", "Clip") and r.outputs[0].name in present]
+        return folded[0].outputs[0].name if len(tensor.outputs) == 1 and folded else None
+
+    def keep_float(tensor) -> list[str]:  # nodes to keep float so that ``tensor`` is not rounded
+        if tensor.inputs and tensor.name not in present:  # folded into its producer's producer
+            return [tensor.inputs[0].name, *keep_float(tensor.inputs[0].inputs[0])]
+        producer = [tensor.inputs[0].name] if tensor.inputs else []
+        return [*producer, *(r.name for r in tensor.outputs)]
+
+    found: dict[tuple[str, ...], tuple[str, list[str]]] = {}
+    for node in graph.nodes:
+        out = seen(node.outputs[0]) if node.outputs else None
+        inputs = [t for t in node.inputs if not isinstance(t, gs.Constant) and seen(t) is not None]
+        if out is None or not inputs:
+            continue
+        names = [node.name] + [name for t in inputs if seen(t) in rounded for name in keep_float(t)]
+        if len(names) == 1:  # reads nothing rounded: nothing to keep float for it
+            continue
+        found[tuple(dict.fromkeys(names))] = (out, [seen(t) for t in inputs])
+    wanted = {out for out, _ in found.values()} | {name for _, names in found.values() for name in names}
+    errors = relative_errors(reference, model, sorted(wanted), batches, threads=threads)
+    return {key: errors.get(out, 0.0) - max(errors.get(name, 0.0) for name in inputs)
+            for key, (out, inputs) in found.items()}
 
 
 def _time(run: ConvInt8Search, models: dict[str, onnx.ModelProto]) -> dict[str, float]:
