@@ -99,6 +99,8 @@ def variants(ref: cnn.Reference, repeats: int) -> tuple[dict[str, bytes], dict]:
               **ort_anchors(model, ref.calib), "onnxlr int8-cnn": result.model.SerializeToString()}
     if built["kept"] == "float":  # what the search measured and rejected, to show why
         models["onnxlr int8 candidate (rejected by the search)"] = result.int8.SerializeToString()
+    if result.uniform is not None and result.uniform is not result.int8:  # before mixed precision
+        models["onnxlr int8 everywhere (before mixed precision)"] = result.uniform.SerializeToString()
     return models, built
 
 

@@ -208,6 +208,15 @@ def quantize_conv_weight(W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.T.reshape(W.shape), scale.astype(np.float32)
 
 
+def gptq_conv_weight(W: np.ndarray, G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ rounding (:func:`gptq_per_channel`) of a Conv weight (C_out, C_in, *kernel), group 1, for input
+    patches with Gram ``G`` (C_in·K, C_in·K) in im2col order (channel, taps); same scales and outputs as
+    :func:`quantize_conv_weight`, only the rounding differs — the patch output error is minimised."""
+    W = np.asarray(W, dtype=np.float64)
+    q, scale = gptq_per_channel(W.reshape(W.shape[0], -1).T, G)
+    return q.T.reshape(W.shape), np.asarray(scale, np.float32)
+
+
 def dequantize_conv_weight(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """float64 weight of codes (C_out, ...) and scales (C_out,)."""
     return q.astype(np.float64) * np.asarray(scale, np.float64).reshape((-1,) + (1,) * (q.ndim - 1))

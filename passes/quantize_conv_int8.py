@@ -35,7 +35,9 @@ from onnxlr import activation_ranges, integer_regions, quantization
 from onnxlr.graph import CONTRIB_DOMAIN, import_contrib_domain, unique_name
 from onnxlr.integer_regions import FUSED_BINARY, FUSED_UNARY, PASS_THROUGH, IntegerPlan
 from onnxlr.pipeline import LayerChange, Pass, PassRecord, config_dict
-from onnxlr.statistics import Activation
+from onnxlr.matching import find_convs
+from onnxlr.passes.factorize_conv import patches_of
+from onnxlr.statistics import Activation, ActivationStats
 
 CANDIDATE_OPS = ("Conv", "Concat", "Relu", "Clip", *FUSED_BINARY, *FUSED_UNARY, *PASS_THROUGH)
 FLOAT_WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -46,6 +48,9 @@ class QuantizeConvInt8Config:
     """rule : activation range rule (:data:`onnxlr.activation_ranges.RULES`) for every tensor;
         ``rules`` overrides it per tensor name.
     bias_correction : add ``(W − Ŵ)·E[x]`` to each int8 conv's bias.
+    rounding : "nearest", or "gptq": each ungrouped conv's weights rounded by GPTQ on the Gram of its
+        im2col patches (the patch output error minimised; patches longer than :data:`GPTQ_MAX_PATCH`
+        are rounded to nearest: their Gram costs more than it brings at detector resolutions).
     float_nodes : node names kept float (chosen by the planner: a head, a region slower in int8), with
         the reason recorded for each.
     mixing_ratio : a Concat whose inputs' (a Split whose outputs') ranges differ more than this factor is
@@ -56,6 +61,7 @@ class QuantizeConvInt8Config:
     rule: str = "mse"
     rules: Mapping[str, str] = field(default_factory=dict)
     bias_correction: bool = True
+    rounding: str = "nearest"
     float_nodes: Mapping[str, str] = field(default_factory=dict)
     mixing_ratio: float = 16.0
     share_ratio: float = 4.0
@@ -64,6 +70,18 @@ class QuantizeConvInt8Config:
         for rule in (self.rule, *self.rules.values()):
             if rule not in activation_ranges.RULES:
                 raise ValueError(f"range rule must be one of {activation_ranges.RULES}, got {rule!r}")
+        if self.rounding not in ("nearest", "gptq"):
+            raise ValueError(f"rounding must be 'nearest' or 'gptq', got {self.rounding!r}")
+
+
+GPTQ_MAX_PATCH = 1152  # longest im2col patch (C_in·K) rounded by GPTQ: a 128-channel 3×3 conv
+
+
+def gptq_convs(graph: gs.Graph) -> list:
+    """The convs GPTQ rounds: ungrouped, 2-D, constant float weights, patches up to GPTQ_MAX_PATCH."""
+    layers, _ = find_convs(graph)  # ungrouped Convs with constant float weights (ConvLayer)
+    return [layer for layer in layers if layer.node.op == "Conv" and len(layer.kernel) == 2
+            and int(np.prod(layer.W.shape[1:])) <= GPTQ_MAX_PATCH]
 
 
 def candidate_tensors(graph: gs.Graph) -> list[str]:
@@ -89,7 +107,8 @@ class QuantizeConvInt8(Pass):
         return 13  # per-axis DequantizeLinear
 
     def needs(self, graph: gs.Graph) -> list:
-        return [Activation(name) for name in candidate_tensors(graph)]
+        patches = [patches_of(layer) for layer in gptq_convs(graph)] if self.config.rounding == "gptq" else []
+        return [*(Activation(name) for name in candidate_tensors(graph)), *patches]
 
     def run(self, graph: gs.Graph) -> PassRecord:
         record = PassRecord(self.name, config_dict(self.config))
@@ -117,14 +136,16 @@ class QuantizeConvInt8(Pass):
     def _ranges(self) -> dict[str, tuple[float, float]]:
         """Each float tensor's range by its rule (tensors with integer values or no data left out)."""
         out = {}
-        for name, st in self.stats.items():
-            if st is not None and st.count and st.floating:
+        for name, st in self.stats.items():  # Activation statistics (GPTQ's patch Grams are keyed by conv)
+            if isinstance(st, ActivationStats) and st.count and st.floating:
                 out[name] = activation_ranges.activation_range(st, self.config.rules.get(name, self.config.rule))
         return out
 
     def _quantize_conv(self, writer: "_Writer", node: gs.Node, x_scale: float) -> LayerChange:
         W, group = np.asarray(node.inputs[1].values), node.attrs.get("group", 1)
-        q, w_scale = quantization.quantize_conv_weight(W)
+        patches = self.stats.get(node.name) if self.config.rounding == "gptq" else None
+        q, w_scale = quantization.gptq_conv_weight(W, patches.gram) if patches is not None and patches.count \
+            else quantization.quantize_conv_weight(W)
         bias_in = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
         b = np.zeros(W.shape[0]) if bias_in is None else np.asarray(bias_in.values, np.float64)
         st = self.stats.get(node.inputs[0].name)
@@ -144,6 +165,7 @@ class QuantizeConvInt8(Pass):
             "shape": list(W.shape), "group": int(group), "bytes": int(W.nbytes),
             "bytes_after": int(q.nbytes + 12 * W.shape[0]), "format": "int8 (QLinearConv)",
             "rule": self.config.rules.get(node.inputs[0].name, self.config.rule), "bias_corrected": shift is not None,
+            "rounding": "gptq" if patches is not None and patches.count else "nearest",
             "max_bias_shift": float(np.abs(shift).max()) if shift is not None and shift.size else 0.0})
 
 

@@ -8,13 +8,13 @@ calibration data do not get worse (by ``evaluate`` when given — a task check �
 error of the outputs against the float model, top-1 disagreement for classifier-shaped outputs):
 
 1. equalization on/off × activation range rule (minmax, percentile, MSE, entropy);
-2. bias correction on/off;
+2. bias correction on/off, then GPTQ rounding of the conv weights on their im2col patches or nearest;
 3. the head (each output's nearest weight layer and what follows, :func:`integer_regions.head_nodes`)
    in float or int8 — a range-mixing Concat/Split is kept float in any case by the writer;
-4. with a task check that the best choice still fails: mixed precision — the rounded nodes (convs, gates,
-   Adds, Muls…) ranked by the error each adds to its own output (relative L2 error of its output against
-   the float model, minus that of its inputs, measured on calibration batches: :func:`error_added`), and
-   the fewest of the worst kept float that leave the task output unchanged (1, 2, 4…, then bisection);
+4. with a task check that the best choice still fails: mixed precision — the rounded tensors ranked by
+   the output error each causes (its rounding noise times the output's measured sensitivity to it:
+   :func:`rounding_harm`), and the fewest of the worst kept float (with their producers and readers)
+   that leave the task output unchanged (1, 2, 4…, then bisection);
 5. then latency on the target: the float model and the int8 candidates are timed interleaved on a
    calibration batch (boundary Q/DQ and transposes included, as they run); int8 is kept only when the
    whole model is faster by more than the run's noise (and, with ``evaluate``, only when its task output
@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from onnxlr import progress
 from onnxlr.activation_ranges import RULES
@@ -47,10 +47,10 @@ from onnxlr.passes.quantize_conv_int8 import QuantizeConvInt8, QuantizeConvInt8C
 from onnxlr.pipeline import LayerChange, PassManager, PassRecord
 from onnxlr.runtimes.fusions import fused_op_counts
 from onnxlr.runtimes.latency import measure, speedup_noise
-from onnxlr.runtimes.paired import relative_errors
 from onnxlr.runtimes.providers import default_threads, make_session
 
 SCORE_BATCHES = 8  # calibration batches the choices are scored on
+SENSITIVITY_PROBES = 16  # probes of the output sensitivity that ranks roundings for mixed precision
 MIN_SPEEDUP = 1.05  # int8 must beat float by this much (and by more than the noise) to be kept
 
 
@@ -61,12 +61,13 @@ class Choice:
     equalize: bool = True
     rule: str = "mse"
     bias_correction: bool = True
+    rounding: str = "nearest"
     float_head: bool = False
     float_nodes: tuple[str, ...] = ()  # nodes kept float for the task's sake (mixed precision)
 
     def label(self) -> str:
         return (f"{'CLE' if self.equalize else 'no CLE'}, {self.rule}, "
-                f"{'bias corr.' if self.bias_correction else 'no bias corr.'}, "
+                f"{'bias corr.' if self.bias_correction else 'no bias corr.'}, {self.rounding} rounding, "
                 f"{'head float' if self.float_head else 'head int8'}"
                 + (f", {len(self.float_nodes)} nodes float" if self.float_nodes else ""))
 
@@ -79,6 +80,7 @@ class Result:
     records: list[PassRecord]
     search: PassRecord
     int8: onnx.ModelProto | None = None  # the best int8 candidate, kept or not (benchmarks show both)
+    uniform: onnx.ModelProto | None = None  # the best choice before mixed precision kept nodes float
 
 
 def float_prepass(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassRecord]]:
@@ -92,14 +94,17 @@ class ConvInt8Search:
 
     evaluate: ``evaluate(model) -> error`` on the calibration data, lower is better (a task check); None:
         the outputs' divergence from the float model.
+    min_speedup: a mixed-precision candidate slower than this over float ends that search.
     """
 
     def __init__(self, model: onnx.ModelProto, service, *, evaluate: Callable[[onnx.ModelProto], float] | None = None,
-                 provider: str = "CPUExecutionProvider", threads: int | None = None, repeats: int = 20):
+                 provider: str = "CPUExecutionProvider", threads: int | None = None, repeats: int = 20,
+                 min_speedup: float = MIN_SPEEDUP):
         self.prepassed, self.prepass_records = float_prepass(model)
         self.gated, [self.gate_record] = PassManager([GateConv()]).run(self.prepassed)
         self.service, self.evaluate_task = service, evaluate
         self.provider, self.threads, self.repeats = provider, threads or default_threads(), repeats
+        self.min_speedup = min_speedup
         self.batches = service.batches()[:SCORE_BATCHES]
         reference = make_session(self.prepassed.SerializeToString(), "CPUExecutionProvider", self.threads)
         self.reference = [reference.run(None, feeds) for feeds in self.batches]
@@ -107,6 +112,7 @@ class ConvInt8Search:
         self.trials: list[dict] = []
         self.best: tuple[float, ...] = (0.0, 0.0)  # the chosen trial's (task error, divergence)
         self._equalized: tuple[onnx.ModelProto, PassRecord] | None = None
+        self.uniform: onnx.ModelProto | None = None
 
     def equalized(self) -> tuple[onnx.ModelProto, PassRecord]:
         if self._equalized is None:
@@ -134,7 +140,7 @@ class ConvInt8Search:
         floats.update({name: "adds the most error to its output among the int8 nodes: kept float so the task "
                              "output on the calibration data holds" for name in choice.float_nodes})
         rewrite = QuantizeConvInt8(QuantizeConvInt8Config(rule=choice.rule, bias_correction=choice.bias_correction,
-                                                          float_nodes=floats))
+                                                          rounding=choice.rounding, float_nodes=floats))
         rewrite.stats = self.service.collect_for(base, rewrite)
         model, [record] = PassManager([rewrite]).run(base)
         return model, [*records, record]
@@ -147,12 +153,17 @@ class ConvInt8Search:
         task = self.evaluate_task(model) if self.evaluate_task is not None else 0.0
         return float(task), float(divergence)
 
-    def trial(self, choice: Choice) -> tuple[tuple[float, ...], onnx.ModelProto, list[PassRecord]]:
+    def trial(self, choice: Choice, timed: bool = False) -> tuple[tuple[float, ...], onnx.ModelProto, list[PassRecord]]:
+        """Build and score ``choice``; ``timed``: also its speed-up over float on the target (a short
+        interleaved timing, in the trial's record)."""
         start = time.perf_counter()
         model, records = self.build(choice)
         key = self.score(model)
-        self.trials.append({"choice": choice.label(), "task_error": key[0], "divergence": key[1],
-                            "seconds": round(time.perf_counter() - start, 1)})
+        self.trials.append({"choice": choice.label(), "task_error": key[0], "divergence": key[1]})
+        if timed:
+            times = _time(self, {"float": self.prepassed, "int8": model}, repeats=max(5, self.repeats // 4))
+            self.trials[-1]["speedup"] = round(times["float"] / times["int8"], 3)
+        self.trials[-1]["seconds"] = round(time.perf_counter() - start, 1)
         progress.phase(f"int8 trial {choice.label()}: task error {key[0]:.4g}, divergence {key[1]:.4g}")
         return key, model, records
 
@@ -160,31 +171,35 @@ class ConvInt8Search:
         """The best choice by the calibration outputs, decided step by step (module docstring)."""
         found = [(self.trial(c), c) for c in (Choice(equalize=e, rule=r) for e in (True, False) for r in rules)]
         (best, model, records), choice = min(found, key=lambda f: f[0][0])
-        for change in (dict(bias_correction=False), dict(float_head=True)):
+        for change in ({"bias_correction": False}, {"rounding": "gptq"}, {"float_head": True}):
             candidate = dataclasses.replace(choice, **change)
             key, cand_model, cand_records = self.trial(candidate)
             if key <= best:  # kept only if the outputs do not get worse
                 best, model, records, choice = key, cand_model, cand_records, candidate
+        self.uniform = model  # int8 everywhere the writer can: kept to show what mixed precision changed
         if self.evaluate_task is not None and best[0] > 0:
             best, model, records, choice = self.keep_sensitive_float(choice, best, model, records)
         self.best = best
         return choice, model, records
 
     def keep_sensitive_float(self, choice: Choice, best, model, records):
-        """The fewest nodes, worst first by :func:`error_added`, kept float so that the task output on the
-        calibration data is unchanged: 1, 2, 4… up to half the rounded nodes, then bisection between the last
-        count that failed and the first that held. Returns the (key, model, records, choice) kept — the
-        input ones when no count up to half holds."""
-        added = error_added(self.base(choice), model, self.batches[:2], self.threads)
-        ranking = sorted(added, key=added.get, reverse=True)
+        """The fewest rounded tensors, worst first by :func:`rounding_harm`, kept float (with their producers
+        and readers) so that the task output on the calibration data is unchanged: 1, 2, 4… of them while
+        the candidate stays faster than float (timed on the target; more float is never faster), then
+        bisection between the last count that failed and the first that held. Returns the (key, model,
+        records, choice) kept — the input ones when no count holds while fast enough."""
+        harm = rounding_harm(self.service, self.base(choice), model)
+        ranking = sorted(harm, key=harm.get, reverse=True)
 
         def worst(count: int) -> tuple[str, ...]:
             return tuple(name for key in ranking[:count] for name in key)
 
-        progress.phase(f"mixed precision: {len(added)} rounded nodes ranked by the error they add")
+        progress.phase(f"mixed precision: {len(harm)} rounded tensors ranked by the output error they cause")
         found, failed, count = None, 0, 1
-        while found is None and count <= max(1, len(ranking) // 2):
-            trial = self.trial(dataclasses.replace(choice, float_nodes=worst(count)))
+        while found is None and count <= len(ranking):
+            trial = self.trial(dataclasses.replace(choice, float_nodes=worst(count)), timed=True)
+            if self.trials[-1]["speedup"] < self.min_speedup:
+                return best, model, records, choice
             if trial[0][0] <= 0:
                 found = trial
             else:
@@ -232,55 +247,46 @@ def search(model: onnx.ModelProto, service, *, evaluate=None, provider: str = "C
     record = PassRecord("conv_int8_search", summary, [LayerChange("model", "int8", "rewritten" if keep_int8 else "skipped",
                                                                   "" if keep_int8 else verdict, {"verdict": verdict})])
     if keep_int8:
-        return Result(int8_model, [*run.prepass_records, *int8_records], record, int8_model)
-    return Result(run.prepassed, run.prepass_records, record, int8_model)
+        return Result(int8_model, [*run.prepass_records, *int8_records], record, int8_model, run.uniform)
+    return Result(run.prepassed, run.prepass_records, record, int8_model, run.uniform)
 
 
-def error_added(reference: onnx.ModelProto, model: onnx.ModelProto, batches: list[dict],
-                threads: int) -> dict[tuple[str, ...], float]:
-    """The error each node adds in ``model`` (int8) against ``reference`` (its float form, same tensor
-    names), on ``batches``: the relative L2 error of its output minus the largest of its inputs' before
-    their rounding — what rounding its inputs and its weights costs it. Keys: the reference's nodes to
-    keep float so that the node reads unrounded inputs — the node, each rounded input's producer (with an
-    activation folded into it: a Relu, a gate's Clip) and every reader of that input."""
-    graph = import_graph(reference)
-    rounded = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+def rounding_harm(service, base: onnx.ModelProto, model: onnx.ModelProto,
+                  probes: int = SENSITIVITY_PROBES) -> dict[tuple[str, ...], float]:
+    """The output error each rounded tensor of ``model`` (int8, written from the float ``base``) is
+    expected to cause: its rounding noise, ``scale² / 12`` per element, times the output's sensitivity to
+    it, ``Σ_j d_j`` (measured on ``base`` by finite differences on calibration samples,
+    :meth:`~onnxlr.runtimes.calibration.StatisticsService.sensitivity`) — end to end, not local: a
+    rounding the rest of the network amplifies ranks high, one it ignores ranks low. Keys: ``base``'s
+    nodes to keep float so that the tensor is not rounded — its producer (with the conv an activation is
+    folded into: a Relu, a gate's Clip) and every reader."""
+    graph = import_graph(base)
+    tensors = graph.tensors()
+    inits = {i.name: i for i in model.graph.initializer}
     present = {name for n in model.graph.node for name in n.output}
-
-    def seen(tensor) -> str | None:  # the tensor, or the folded activation's output standing for it
-        if tensor.name in present:
-            return tensor.name
-        folded = [r for r in tensor.outputs if r.op in ("Relu", "Clip") and r.outputs[0].name in present]
-        return folded[0].outputs[0].name if len(tensor.outputs) == 1 and folded else None
-
-    def keep_float(tensor) -> list[str]:  # nodes to keep float so that ``tensor`` is not rounded
-        if tensor.inputs and tensor.name not in present:  # folded into its producer's producer
-            return [tensor.inputs[0].name, *keep_float(tensor.inputs[0].inputs[0])]
-        producer = [tensor.inputs[0].name] if tensor.inputs else []
-        return [*producer, *(r.name for r in tensor.outputs)]
-
-    found: dict[tuple[str, ...], tuple[str, list[str]]] = {}
-    for node in graph.nodes:
-        out = seen(node.outputs[0]) if node.outputs else None
-        inputs = [t for t in node.inputs if not isinstance(t, gs.Constant) and seen(t) is not None]
-        if out is None or not inputs:
-            continue
-        names = [node.name] + [name for t in inputs if seen(t) in rounded for name in keep_float(t)]
-        if len(names) == 1:  # reads nothing rounded: nothing to keep float for it
-            continue
-        found[tuple(dict.fromkeys(names))] = (out, [seen(t) for t in inputs])
-    wanted = {out for out, _ in found.values()} | {name for _, names in found.values() for name in names}
-    errors = relative_errors(reference, model, sorted(wanted), batches, threads=threads)
-    return {key: errors.get(out, 0.0) - max(errors.get(name, 0.0) for name in inputs)
-            for key, (out, inputs) in found.items()}
+    scales = {n.input[0]: float(np.max(numpy_helper.to_array(inits[n.input[1]])))
+              for n in model.graph.node
+              if n.op_type == "QuantizeLinear" and n.input[0] in tensors and n.input[1] in inits}
+    sensitivity = service.sensitivity(base, sorted(scales), probes=probes)
+    harm = {}
+    for name, scale in scales.items():
+        tensor = tensors[name]
+        nodes = list(tensor.outputs)
+        if tensor.inputs:
+            producer = tensor.inputs[0]
+            folded = [t.inputs[0] for t in producer.inputs if t.inputs and t.name not in present]
+            nodes = [producer, *folded, *nodes]
+        key = tuple(dict.fromkeys(n.name for n in nodes))
+        harm[key] = harm.get(key, 0.0) + scale ** 2 / 12 * float(np.sum(sensitivity.get(name, 0.0)))
+    return harm
 
 
-def _time(run: ConvInt8Search, models: dict[str, onnx.ModelProto]) -> dict[str, float]:
+def _time(run: ConvInt8Search, models: dict[str, onnx.ModelProto], repeats: int | None = None) -> dict[str, float]:
     """Median ms of each model on the target, interleaved, on the first calibration batch; "noise": the
     relative noise of the float/int8 ratio."""
     sessions = {label: make_session(m.SerializeToString(), run.provider, run.threads) for label, m in models.items()}
     progress.phase(f"timing float and int8 on {run.provider}")
-    times = measure(sessions, run.batches[0], warmup=3, repeats=run.repeats)
+    times = measure(sessions, run.batches[0], warmup=3, repeats=repeats or run.repeats)
     out = {label: t.median_ms for label, t in times.items()}
     out["noise"] = speedup_noise(times["float"], times["int8"])
     return out
