@@ -84,7 +84,7 @@ def _add_validation_options(p: argparse.ArgumentParser) -> None:
 
 def _add_rank_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=tuple(RECIPES), default="lowrank",
-                   help="which passes run (default lowrank; `onnxlr recipes` lists them); the rank options "
+                   help="which passes run (default %(default)s; `onnxlr recipes` lists them); the rank options "
                         "below apply to the recipes that factorize")
     p.add_argument("--calib", metavar="NPZ|DIR",
                    help="calibration samples (.npz keyed by input name, samples on axis 0, 0-d arrays for "

@@ -66,6 +66,15 @@ def test_help_in_subprocess():
     assert "Traceback" not in result.stderr
 
 
+def test_help_states_each_commands_own_default_recipe(capsys):
+    """The demo runs int8 (its own default), optimize lowrank: each --help says its own."""
+    for command, default in (("demo", "int8"), ("optimize", "lowrank")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"which passes run (default {default};" in text, command
+
+
 def test_no_command(capsys):
     _usage_error(capsys, [], "required")
 

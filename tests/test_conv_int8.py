@@ -407,3 +407,30 @@ def test_gptq_rounding_of_conv_weights_lowers_the_patch_output_error():
         assert {c.details["rounding"] for c in record.rewritten if c.op == "Conv"} == {rounding}
         errors[rounding] = rel(ref, run(int8, calib["x"])[0])
     assert errors["gptq"] < errors["nearest"], errors
+
+
+def test_convtranspose_stays_float_because_ort_cpu_has_no_integer_kernel():
+    """The writer leaves ConvTranspose float and says why; the reason is checked against ONNX Runtime:
+    a QDQ ConvTranspose stays DequantizeLinear → float ConvTranspose → QuantizeLinear in the CPU provider's
+    optimized graph (if a release fuses it, this test fails and the writer should quantize it)."""
+    net = Net()
+    up = net.op("ConvTranspose", [net.op("Relu", [net.conv("x", 8, 16)]),
+                                  net.const(RNG.standard_normal((16, 8, 2, 2)) * 0.1)], strides=[2, 2])
+    model = net.model([net.conv(up, 8, 4)])
+    int8, record = quantize(model, data(net.shape, 4))
+    skipped = {c.op: c.reason for c in record.skipped}
+    assert "no integer ConvTranspose kernel" in skipped["ConvTranspose"]
+    assert "ConvTranspose" in optimized_ops(int8) and optimized_ops(int8).count("QLinearConv") == 2
+
+    # the same ConvTranspose written in QDQ form by hand: ORT does not fuse it
+    q = helper.make_node
+    W = numpy_helper.from_array(RNG.integers(-100, 100, (4, 8, 2, 2)).astype(np.int8), "wq")
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             W, numpy_helper.from_array(np.full(8, 0.01, np.float32), "ws"), numpy_helper.from_array(np.zeros(8, np.int8), "wz")]
+    nodes = [q("QuantizeLinear", ["x", "s", "z"], ["xq"]), q("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             q("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=1), q("ConvTranspose", ["xd", "wd"], ["c"], strides=[2, 2]),
+             q("QuantizeLinear", ["c", "s", "z"], ["cq"]), q("DequantizeLinear", ["cq", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "ct", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    ops = optimized_ops(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    assert "ConvTranspose" in ops and not [op for op in ops if op.startswith("QLinearConvTranspose")]
