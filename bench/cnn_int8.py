@@ -182,6 +182,23 @@ def openvino_tasks(ref: cnn.Reference, models: dict[str, bytes], fp32_session) -
             for label in models}
 
 
+def op_profile(models: dict[str, bytes], feed: dict, top: int = 5) -> dict[str, str]:
+    """Per model, where ONNX Runtime's CPU provider spends its time: ms per op type (medians of its own
+    profiler, summed over nodes), the ``top`` largest — why int8 is or is not faster."""
+    from onnxlr.runtimes.runner import profile_nodes, session_options
+
+    nodes = profile_nodes(models, "CPUExecutionProvider", session_options("CPUExecutionProvider", None, THREADS),
+                          THREADS, feed, runs=10)
+    out = {}
+    for label, per_node in nodes.items():
+        by_op: dict[str, float] = {}
+        for entry in per_node.values():
+            by_op[entry["op"]] = by_op.get(entry["op"], 0.0) + entry["ms"]
+        ranked = sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
+        out[label] = f"{sum(by_op.values()):.1f} ms in kernels: " + ", ".join(f"{op} {ms:.1f}" for op, ms in ranked)
+    return out
+
+
 def rows(ref: cnn.Reference, repeats: int) -> tuple[list[str], dict]:
     models, built = variants(ref, repeats)
     sessions = {label: make_session(blob, "CPUExecutionProvider", THREADS) for label, blob in models.items()}
@@ -190,6 +207,10 @@ def rows(ref: cnn.Reference, repeats: int) -> tuple[list[str], dict]:
     reference = ref.outputs(sessions["fp32"], ref.heldout)
     vino = openvino_times(models, ref.timing, repeats)
     vino_tasks = openvino_tasks(ref, models, sessions["fp32"])
+    int8_label = next(label for label in models if label.startswith("onnxlr int8 candidate")) \
+        if built["kept"] == "float" else "onnxlr int8-cnn"
+    built["profile"] = op_profile({"float rewrites": models["fp32 + onnxlr float rewrites"],
+                                   "int8": models[int8_label]}, ref.timing)
     out = []
     for label, blob in models.items():
         check = ref.compare(reference, ref.outputs(sessions[label], ref.heldout))
@@ -222,7 +243,8 @@ def section(names: list[str], cache: Path, repeats: int) -> str:
                      f"rewrites on a calibration batch, noise {built['noise']}); choice: {built['choice_label']}; "
                      f"task error on the calibration data {built['task_error']:.3g}; "
                      f"{built['int8_convs_planned']} convs planned int8, {built['qlinearconv']} QLinearConv; "
-                     f"built in {built['seconds']:.0f} s")
+                     f"built in {built['seconds']:.0f} s. CPU EP profile, float rewrites: "
+                     f"{built['profile']['float rewrites']}; int8: {built['profile']['int8']}")
     return marked(MARK, [*lines, "", *notes])
 
 
