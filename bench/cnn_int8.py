@@ -43,6 +43,7 @@ from common import THREADS, bench_parser, emit, machine, marked  # noqa: E402
 
 MARK = "cnn_int8"
 OPENVINO = Path(__file__).resolve().parents[1] / ".venv-openvino" / "bin" / "python"
+OPENVINO_CALL_BYTES = 200 * 2**20
 
 
 def prepared(path: Path) -> onnx.ModelProto:
@@ -130,8 +131,9 @@ class _Recorder:
         return self.session.get_outputs()
 
     def run(self, names, feeds):
-        self.feeds.append({k: np.asarray(v) for k, v in feeds.items()})
-        return self.session.run(names, feeds)
+        outputs = self.session.run(names, feeds)
+        self.feeds.append(({k: np.asarray(v) for k, v in feeds.items()}, sum(o.nbytes for o in outputs)))
+        return outputs
 
 
 class _Replay:
@@ -164,10 +166,16 @@ def openvino_tasks(ref: cnn.Reference, models: dict[str, bytes], fp32_session) -
     recorder = _Recorder(fp32_session)
     reference = ref.outputs(recorder, ref.heldout)
     groups: dict[tuple, list[dict]] = {}
-    for feeds in recorder.feeds:
-        groups.setdefault(tuple((k, v.shape) for k, v in sorted(feeds.items())), []).append(feeds)
+    for feeds, nbytes in recorder.feeds:
+        key = tuple((k, v.shape) for k, v in sorted(feeds.items()))
+        chunks = groups.setdefault(key, [[]])
+        # a device answers in one JSON line: at most ~200 MB of outputs per call (a rec model's
+        # per-step class scores are 17 MB per batch of lines)
+        if chunks[-1] and (len(chunks[-1]) + 1) * nbytes * len(models) > OPENVINO_CALL_BYTES:
+            chunks.append([])
+        chunks[-1].append(feeds)
     device, answers = Device.parse(str(OPENVINO)), {label: {} for label in models}
-    for group in groups.values():
+    for group in (chunk for chunks in groups.values() for chunk in chunks):
         rows = len(next(iter(group[0].values())))
         stacked = {k: np.concatenate([f[k] for f in group]) for k in group[0]}
         (result,) = device.run(models, stacked, providers=["OpenVINOExecutionProvider"], threads=THREADS,

@@ -266,6 +266,29 @@ def test_cost_resolves_symbolic_dims_from_the_first_batch():
     assert unknown >= stats_mod.UNKNOWN_K ** 2 * 8
 
 
+def test_free_spatial_dims_are_sized_from_the_first_batch(monkeypatch):
+    """A detector taking any image size (input [N, 3, H, W], every intermediate dim free): the passes are
+    planned from the shapes the first batch gives (one pass here, not one per tensor as with unknown
+    dims assumed huge), and a later batch of another size is still collected."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(6):
+        inits.append(numpy_helper.from_array(rng.standard_normal((16, 3 if i == 0 else 16, 3, 3)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        x = f"c{i}"
+    graph = helper.make_graph(nodes, "det", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    passes = []
+    real = stats_mod._run_pass
+    monkeypatch.setattr(stats_mod, "_run_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
+    batches = [{"x": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)},
+               {"x": rng.standard_normal((1, 3, 24, 32)).astype(np.float32)}]
+    found, _ = collect_stats(model, [f"c{i}" for i in range(5)], batches, memory_budget=2**23)
+    assert len(passes) == 1  # 5 activations of 64 KB each fit 8 MB; unknown dims would cost ~25 MB each
+    assert all(found[f"c{i}"].count == 16 * 32 + 16 * 24 for i in range(5))  # rows (N·C·H, W) of both batches
+
+
 # -------------------------------------------------------------------------------- masks and counts
 
 
