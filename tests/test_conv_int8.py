@@ -434,3 +434,30 @@ def test_convtranspose_stays_float_because_ort_cpu_has_no_integer_kernel():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     ops = optimized_ops(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
     assert "ConvTranspose" in ops and not [op for op in ops if op.startswith("QLinearConvTranspose")]
+
+
+def test_float_rewrites_slower_than_the_original_are_not_kept(monkeypatch):
+    """ONNX Runtime can run a decomposed activation faster than the fused form (PP-OCR rec: the float
+    rewrites measured 0.80× of the original): when the timing says the rewrites are slower, the search
+    returns the original model untouched, and says why."""
+    from onnxlr.planning import conv_int8
+    from onnxlr.runtimes.latency import Latency
+
+    net = Net()
+    x = net.conv("x", 8, 16)
+    hs = net.op("Div", [net.op("Mul", [x, net.op("Clip", [net.op("Add", [x, net.const(3.0)]), net.const(0.0),
+                                                                 net.const(6.0)])]), net.const(6.0)])
+    model = net.model([net.conv(hs, 16, 8)])
+    service = StatisticsService.of(model, data(net.shape, 8), batch_size=2, threads=1)
+
+    def timed(run, models, repeats=None):  # measured: rewrites slower, int8 slower still
+        ms = {"original": 1.0, "float": 1.5, "int8": 2.0}
+        return {label: Latency(ms[label], ms[label], 9, [ms[label]] * 9) for label in models}
+
+    monkeypatch.setattr(conv_int8, "_time", timed)
+    result = conv_int8.search(model, service, rules=("minmax",), repeats=3)
+    assert [c.op for r in result.records for c in r.layers if c.action == "rewritten"] == []  # no rewrite kept
+    assert result.model is model and result.search.config["kept"] == "original"
+    assert "the float rewrites ran slower" in result.search.layers[0].details["verdict"]
+    _, records = conv_int8.float_prepass(model)
+    assert [c for r in records for c in r.layers if c.action == "rewritten"]  # there was a rewrite to refuse
