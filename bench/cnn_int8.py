@@ -39,7 +39,7 @@ from onnxlr.runtimes.latency import measure
 from onnxlr.runtimes.providers import make_session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import THREADS, bench_parser, emit, machine, marked  # noqa: E402
+from common import THREADS, bench_parser, emit, machine, marked, write_section  # noqa: E402
 
 MARK = "cnn_int8"
 OPENVINO = Path(__file__).resolve().parents[1] / ".venv-openvino" / "bin" / "python"
@@ -230,7 +230,9 @@ def rows(ref: cnn.Reference, repeats: int) -> tuple[list[str], dict]:
     return out, built
 
 
-def section(names: list[str], cache: Path, repeats: int) -> str:
+def section(names: list[str], cache: Path, repeats: int, written=None) -> str:
+    """The markdown section; ``written(section so far)`` is called after each model (a long run leaves
+    what it measured in the file even if stopped)."""
     lines = ["## Static int8 for CNNs, issue #21", "",
              f"Command: `flock /work/scratch/timing.lock python bench/cnn_int8.py --write docs/benchmarks.md` "
              f"({machine()}; {repeats} interleaved timed runs of every variant of a model after 3 warm-ups, one "
@@ -254,6 +256,8 @@ def section(names: list[str], cache: Path, repeats: int) -> str:
                      f"{built['int8_convs_planned']} convs planned int8, {built['qlinearconv']} QLinearConv; "
                      f"built in {built['seconds']:.0f} s. CPU EP profile, float rewrites: "
                      f"{built['profile']['float rewrites']}; int8: {built['profile']['int8']}")
+        if written is not None:
+            written(marked(MARK, [*lines, "", *notes]))
     return marked(MARK, [*lines, "", *notes])
 
 
@@ -262,7 +266,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(cnn.NAMES))
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
-    return emit(section(args.models.split(","), args.cache_dir, args.repeats), args, MARK)
+    partial = (lambda body: write_section(args.write, body, MARK)) if args.write else None
+    return emit(section(args.models.split(","), args.cache_dir, args.repeats, partial), args, MARK)
 
 
 if __name__ == "__main__":

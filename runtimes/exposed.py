@@ -76,7 +76,10 @@ def working_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onn
 def concrete_types(model: onnx.ModelProto, feeds: Batch) -> dict[str, onnx.TypeProto]:
     """Tensor types inferred with the model inputs fixed to the shapes of ``feeds``: every dimension
     known where shape inference can follow it (a detector taking any image size, whose intermediate
-    dims are otherwise free). For sizing passes only: later batches may have other shapes."""
+    dims are otherwise free). For sizing passes only: later batches may have other shapes. A model over
+    1 GiB is not copied for this (empty result: its symbolic sizes stand)."""
+    if model.ByteSize() > 2**30:
+        return {}
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     del fixed.graph.value_info[:]

@@ -36,6 +36,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxlr import progress
+from onnxlr.errors import OnnxlrError
 from onnxlr.activation_ranges import RULES
 from onnxlr.graph import import_graph
 from onnxlr.integer_regions import head_nodes
@@ -281,7 +282,10 @@ def rounding_harm(service, base: onnx.ModelProto, model: onnx.ModelProto,
     scales = {n.input[0]: float(np.max(numpy_helper.to_array(inits[n.input[1]])))
               for n in model.graph.node
               if n.op_type == "QuantizeLinear" and n.input[0] in tensors and n.input[1] in inits}
-    sensitivity = service.sensitivity(base, sorted(scales), probes=probes)
+    try:
+        sensitivity = service.sensitivity(base, sorted(scales), probes=probes)
+    except OnnxlrError:  # samples of different sizes (a detector's pages): one sample's, the first
+        sensitivity = service.sensitivity(base, sorted(scales), probes=probes, samples=1)
     harm = {}
     for name, scale in scales.items():
         tensor = tensors[name]
