@@ -44,6 +44,7 @@ from common import THREADS, bench_parser, emit, machine, marked, write_section  
 MARK = "cnn_int8"
 OPENVINO = Path(__file__).resolve().parents[1] / ".venv-openvino" / "bin" / "python"
 OPENVINO_CALL_BYTES = 200 * 2**20
+REJECTED = "onnxlr int8 candidate (rejected by the search)"
 
 
 def prepared(path: Path) -> onnx.ModelProto:
@@ -101,7 +102,7 @@ def variants(ref: cnn.Reference, repeats: int) -> tuple[dict[str, bytes], dict]:
               "fp32 + onnxlr float rewrites": conv_int8.float_prepass(model)[0].SerializeToString(),
               **ort_anchors(model, ref.calib), "onnxlr int8-cnn": result.model.SerializeToString()}
     if built["kept"] != "int8":  # what the search measured and rejected, to show why
-        models["onnxlr int8 candidate (rejected by the search)"] = result.int8.SerializeToString()
+        models[REJECTED] = result.int8.SerializeToString()
     if result.uniform is not None and result.uniform is not result.int8:  # before mixed precision
         models["onnxlr int8 everywhere (before mixed precision)"] = result.uniform.SerializeToString()
     return models, built
@@ -157,14 +158,13 @@ def _feed_key(feeds: dict) -> str:
                                  for k, v in sorted(feeds.items()))).hexdigest()
 
 
-def openvino_tasks(ref: cnn.Reference, models: dict[str, bytes], fp32_session) -> dict[str, dict]:
+def openvino_tasks(ref: cnn.Reference, models: dict[str, bytes], recorder: _Recorder, reference) -> dict[str, dict]:
     """Each model's task check on the held-out data with the model run by OpenVINO EP on ``--device
-    OPENVINO`` (against fp32 on the local CPU EP): the held-out feeds are recorded once, sent stacked
-    (one device call per input shape, every model in it), and the task post-processing replays them."""
+    OPENVINO`` against ``reference``, fp32's task output on the local CPU EP, which ``recorder`` saw being
+    computed: its feeds are sent stacked (one device call per input shape and size bound, every model in
+    it), and the task post-processing replays them."""
     if not OPENVINO.exists():
         return {}
-    recorder = _Recorder(fp32_session)
-    reference = ref.outputs(recorder, ref.heldout)
     groups: dict[tuple, list[dict]] = {}
     for feeds, nbytes in recorder.feeds:
         key = tuple((k, v.shape) for k, v in sorted(feeds.items()))
@@ -186,7 +186,7 @@ def openvino_tasks(ref: cnn.Reference, models: dict[str, bytes], fp32_session) -
             outputs = list(entry["outputs"].values())
             for i, feeds in enumerate(group):
                 answers[label][_feed_key(feeds)] = [o[i * rows:(i + 1) * rows] for o in outputs]
-    return {label: ref.compare(reference, ref.outputs(_Replay(fp32_session, answers[label]), ref.heldout))
+    return {label: ref.compare(reference, ref.outputs(_Replay(recorder.session, answers[label]), ref.heldout))
             for label in models}
 
 
@@ -212,11 +212,11 @@ def rows(ref: cnn.Reference, repeats: int) -> tuple[list[str], dict]:
     sessions = {label: make_session(blob, "CPUExecutionProvider", THREADS) for label, blob in models.items()}
     times = measure(sessions, ref.timing, warmup=3, repeats=repeats)
     base = times["fp32"].median_ms
-    reference = ref.outputs(sessions["fp32"], ref.heldout)
+    recorder = _Recorder(sessions["fp32"])  # its feeds are replayed on OpenVINO
+    reference = ref.outputs(recorder, ref.heldout)
     vino = openvino_times(models, ref.timing, repeats)
-    vino_tasks = openvino_tasks(ref, models, sessions["fp32"])
-    int8_label = next(label for label in models if label.startswith("onnxlr int8 candidate")) \
-        if built["kept"] != "int8" else "onnxlr int8-cnn"
+    vino_tasks = openvino_tasks(ref, models, recorder, reference)
+    int8_label = REJECTED if built["kept"] != "int8" else "onnxlr int8-cnn"
     built["profile"] = op_profile({"float rewrites": models["fp32 + onnxlr float rewrites"],
                                    "int8": models[int8_label]}, ref.timing)
     out = []

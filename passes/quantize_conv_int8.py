@@ -40,7 +40,6 @@ from onnxlr.passes.factorize_conv import patches_of
 from onnxlr.statistics import Activation, ActivationStats
 
 CANDIDATE_OPS = ("Conv", "Concat", "Relu", "Clip", *FUSED_BINARY, *FUSED_UNARY, *PASS_THROUGH)
-FLOAT_WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 @dataclass
@@ -254,7 +253,7 @@ class _Writer:
         returns the guarded nodes' names."""
         guarded = set()
         for name, dq_out in quantized.items():
-            for reader in [r for r in dq_out.outputs if r.op in FLOAT_WEIGHT_OPS and not _integer_conv(r)]:
+            for reader in [r for r in dq_out.outputs if r.op in integer_regions.WEIGHT_OPS and not _integer_conv(r)]:
                 scale, zero = params[name]
                 low, high = -zero * scale, (255 - zero) * scale
                 s16 = (high - low) / 65535.0
@@ -278,9 +277,9 @@ def _float_records(graph: gs.Graph, plan: IntegerPlan, keep_float: dict, quantiz
             continue
         reads_integer = any(id(t) in dq_outputs for t in node.inputs)
         reason = keep_float.get(node.name)
-        if reason is None and node.op in integer_regions.FLOAT_REASONS and (reads_integer or node.op in FLOAT_WEIGHT_OPS):
+        if reason is None and node.op in integer_regions.FLOAT_REASONS and (reads_integer or node.op in integer_regions.WEIGHT_OPS):
             reason = integer_regions.FLOAT_REASONS[node.op]
-        if reason is None and node.op in FLOAT_WEIGHT_OPS:
+        if reason is None and node.op in integer_regions.WEIGHT_OPS:
             reason = "no calibrated range for its input, or its weight is not a constant 4-D Conv weight"
         if reason is None and reads_integer and node.op not in ("Relu", "Clip", *integer_regions.NOT_COMPUTING):
             reason = f"{node.op} has no integer kernel in ONNX Runtime's CPU provider: a float island"

@@ -46,19 +46,19 @@ class TensorNames:
         raise OnnxlrError(f"tensor {name!r} is not in the model (neither a node output nor a model input)")
 
 
-def working_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TypeProto]]:
+def working_copy(model: onnx.ModelProto, feeds: Batch | None = None) -> tuple[onnx.ModelProto, dict[str, onnx.TypeProto]]:
     """A copy of ``model`` to add outputs to, and the tensor types known by shape inference.
 
-    The copy keeps the original value_info and outputs (inferred ones are only used for types and
-    sizes), so ONNX Runtime sees the model as the user gave it.
+    The copy keeps the original inputs, value_info and outputs (inferred ones are only used for types and
+    sizes), so ONNX Runtime sees the model as the user gave it. With ``feeds``, inference runs with the
+    model inputs fixed to their shapes: every dimension known where inference can follow it (a detector
+    taking any image size, whose intermediate dims are otherwise free) — for sizing passes; later batches
+    may have other shapes. A model over 1 GiB is not copied for that (its symbolic sizes stand).
     """
-    work = None
-    for data_prop in (True, False):
-        try:
-            work = onnx.shape_inference.infer_shapes(model, data_prop=data_prop)
-            break
-        except Exception:  # noqa: BLE001 - inference is best effort (custom ops, > 2 GiB protos…)
-            continue
+    sources = [model]
+    if feeds is not None and model.ByteSize() <= 2**30:
+        sources.insert(0, _with_input_shapes(model, feeds))
+    work = next((w for source in sources for w in _inferred(source)), None)
     if work is None:
         work = onnx.ModelProto()
         work.CopyFrom(model)
@@ -66,30 +66,34 @@ def working_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onn
     for value in chain(work.graph.input, work.graph.value_info, work.graph.output):
         if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
             types[value.name] = value.type
-    del work.graph.value_info[:]
-    work.graph.value_info.extend(model.graph.value_info)
-    del work.graph.output[:]
-    work.graph.output.extend(model.graph.output)
+    for field, original in ((work.graph.input, model.graph.input), (work.graph.value_info, model.graph.value_info),
+                            (work.graph.output, model.graph.output)):
+        del field[:]
+        field.extend(original)
     return work, types
 
 
-def concrete_types(model: onnx.ModelProto, feeds: Batch) -> dict[str, onnx.TypeProto]:
-    """Tensor types inferred with the model inputs fixed to the shapes of ``feeds``: every dimension
-    known where shape inference can follow it (a detector taking any image size, whose intermediate
-    dims are otherwise free). For sizing passes only: later batches may have other shapes. A model over
-    1 GiB is not copied for this (empty result: its symbolic sizes stand)."""
-    if model.ByteSize() > 2**30:
-        return {}
+def _inferred(model: onnx.ModelProto):
+    """``model`` with inferred shapes (data propagation first), or nothing: inference is best effort."""
+    for data_prop in (True, False):
+        try:
+            yield onnx.shape_inference.infer_shapes(model, data_prop=data_prop)
+            return
+        except Exception:  # noqa: BLE001 - custom ops, > 2 GiB protos…
+            continue
+
+
+def _with_input_shapes(model: onnx.ModelProto, feeds: Batch) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs have the shapes of ``feeds`` (and no stale value_info)."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     del fixed.graph.value_info[:]
     for value in fixed.graph.input:
         if value.name in feeds and value.type.HasField("tensor_type"):
-            shape = value.type.tensor_type.shape
-            for dim, size in zip(shape.dim, np.shape(feeds[value.name])):
+            for dim, size in zip(value.type.tensor_type.shape.dim, np.shape(feeds[value.name])):
                 dim.Clear()
                 dim.dim_value = int(size)
-    return working_copy(fixed)[1]
+    return fixed
 
 
 def output_info(name: str, types: Mapping[str, onnx.TypeProto]) -> onnx.ValueInfoProto:

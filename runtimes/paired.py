@@ -62,23 +62,3 @@ class PairedRuns:
         if tensors and not stats:
             raise OnnxlrError("no calibration batches")
         return stats
-
-
-def relative_errors(reference: onnx.ModelProto, model: onnx.ModelProto, tensors: Sequence[str],
-                    batches: BatchesLike, *, threads: int = 2) -> dict[str, float]:
-    """``{tensor: ‖x̂ − x‖ / ‖x‖}`` over ``batches`` for tensors present under the same name in both models
-    (x from ``reference``, x̂ from ``model``); a name missing from either is left out. One pass, one batch's
-    activations held at a time; model inputs are not asked (their error is 0)."""
-    produced = TensorNames(reference).produced & TensorNames(model).produced
-    present = [t for t in dict.fromkeys(tensors) if t in produced]
-    if not present:
-        return {}
-    sessions = [exposing_session(m, present, threads) for m in (reference, model)]
-    squared = {name: np.zeros(2) for name in present}  # (Σ (x̂ − x)², Σ x²)
-    for index, batch in enumerate(BatchSource(batches).first()):
-        feeds = {name: np.asarray(value) for name, value in batch.items()}
-        ref, hat = (run_batch(session, present, feeds, index) for session in sessions)
-        for name, x, x_hat in zip(present, ref, hat):
-            x = np.asarray(x, np.float64)
-            squared[name] += (float(np.sum((np.asarray(x_hat, np.float64) - x) ** 2)), float(np.sum(x * x)))
-    return {name: float(np.sqrt(e / max(n, 1e-30))) for name, (e, n) in squared.items()}

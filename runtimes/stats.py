@@ -45,8 +45,8 @@ from onnxlr.errors import OnnxlrError
 from onnxlr.statistics import (HISTOGRAM_BINS, Activation, ActivationStats, ChannelRows, Patches, Rows, TensorStats,
                                TokenCounts, channel_rows)
 from onnxlr.feeds import model_inputs
-from onnxlr.runtimes.exposed import (Batch, BatchesLike, BatchSource, TensorNames, concrete_types, fed, output_info,
-                                     row_mask, run_batch, working_copy)
+from onnxlr.runtimes.exposed import (Batch, BatchesLike, BatchSource, TensorNames, fed, output_info, row_mask,
+                                     run_batch, working_copy)
 from onnxlr.runtimes.providers import make_session
 
 # Conservative sizes assumed when shape inference leaves a dimension unknown.
@@ -112,13 +112,12 @@ def collect(model: onnx.ModelProto, requests: Sequence, batches: BatchesLike, *,
     first = next(first_iter, None)
     if first is None:
         raise OnnxlrError("no calibration batches")
-    work, types = working_copy(model)
-    sized = {**types, **concrete_types(model, first)}  # free dims sized by the first batch
+    work, types = working_copy(model, first)  # free dims sized by the first batch
     sizes = _dim_values(model, first)
     # Leading dimensions shape inference cannot name (e.g. generated symbols inside a transformer)
     # are guessed from the first batch: no activation row count exceeds the largest input's size.
     rows_guess = max((int(np.asarray(v).size) for v in first.values()), default=UNKNOWN_DIM)
-    costs = {item: _cost(sized.get(item.tensor), sizes, HISTOGRAM_BINS if item.activation else item.size, rows_guess,
+    costs = {item: _cost(types.get(item.tensor), sizes, HISTOGRAM_BINS if item.activation else item.size, rows_guess,
                          item.width if item.rows else None)
              for item in items}
     passes = _plan(items, costs, graph.inputs, memory_budget)

@@ -125,26 +125,22 @@ class ConvInt8Search:
 
     def build(self, choice: Choice) -> tuple[onnx.ModelProto, list[PassRecord]]:
         """The int8 model of ``choice`` and the records of its passes."""
-        base, records = self.gated, [self.gate_record]
-        if choice.equalize:
-            base, record = self.equalized()
-            records.append(record)
-        return self._quantize(base, choice, records)
+        records = [self.gate_record, *([self.equalized()[1]] if choice.equalize else [])]
+        floats = {name: "in the head, kept float (chosen on the calibration data)" for name in self.head} \
+            if choice.float_head else {}
+        floats.update({name: "its rounding is among those costing the output most (rounding noise × measured "
+                             "sensitivity): kept float so the task output on the calibration data holds"
+                       for name in choice.float_nodes})
+        rewrite = QuantizeConvInt8(QuantizeConvInt8Config(rule=choice.rule, bias_correction=choice.bias_correction,
+                                                          rounding=choice.rounding, float_nodes=floats))
+        base = self.base(choice)
+        rewrite.stats = self.service.collect_for(base, rewrite)
+        model, [record] = PassManager([rewrite]).run(base)
+        return model, [*records, record]
 
     def base(self, choice: Choice) -> onnx.ModelProto:
         """The float model ``choice`` quantizes (equalized or not): same tensors, same names."""
         return self.equalized()[0] if choice.equalize else self.gated
-
-    def _quantize(self, base: onnx.ModelProto, choice: Choice, records: list[PassRecord]):
-        floats = {name: "in the head, kept float (chosen on the calibration data)" for name in self.head} \
-            if choice.float_head else {}
-        floats.update({name: "adds the most error to its output among the int8 nodes: kept float so the task "
-                             "output on the calibration data holds" for name in choice.float_nodes})
-        rewrite = QuantizeConvInt8(QuantizeConvInt8Config(rule=choice.rule, bias_correction=choice.bias_correction,
-                                                          rounding=choice.rounding, float_nodes=floats))
-        rewrite.stats = self.service.collect_for(base, rewrite)
-        model, [record] = PassManager([rewrite]).run(base)
-        return model, [*records, record]
 
     def score(self, model: onnx.ModelProto) -> tuple[float, ...]:
         """(task error, output divergence) on the calibration batches — lower is better."""
@@ -231,7 +227,8 @@ def search(model: onnx.ModelProto, service, *, evaluate=None, provider: str = "C
     times = _time(run, {"original": model, "float": run.prepassed, "int8": int8_model})
     ms = {label: t.median_ms for label, t in times.items()}
     rewrote = any(c.action == "rewritten" for r in run.prepass_records for c in r.layers)
-    rewrites_slower = rewrote and ms["float"] > ms["original"] * (1.0 + (speedup_noise(times["original"], times["float"]) or 0.0))
+    rewrite_noise = speedup_noise(times["original"], times["float"]) or 0.0
+    rewrites_slower = rewrote and ms["float"] > ms["original"] * (1.0 + rewrite_noise)
     floor = "original" if rewrites_slower else "float"
     speedup, noise = ms[floor] / ms["int8"], speedup_noise(times[floor], times["int8"]) or 0.0
     counts = fused_op_counts(int8_model.SerializeToString(), run.threads)
