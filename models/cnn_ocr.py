@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _common, documents, ppocr
-from .cnn import Reference, box_iou
+from .cnn import Reference, box_iou, invisible_changes
 
 
 def det_input(img: np.ndarray) -> np.ndarray:
@@ -87,7 +87,7 @@ def ppocr_det(cache: Path) -> Reference:
     timing = {"x": det_input(held["page"])[:, :, :640, :640].copy()}
     calib = ocr_images("calib")
     return Reference("ppocr_det", ppocr.build(Path(cache))["det"], "x", [{"x": det_input(im)} for im in calib.values()],
-                     held, timing, outputs, compare_ocr, calib)
+                     held, timing, outputs, compare_ocr, calib, invisible_changes(held))
 
 
 def rendered_lines(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -123,6 +123,8 @@ def ppocr_rec(cache: Path) -> Reference:
              ppocr.text_boxes(det.run(None, {"x": det_input(img)})[0][0, 0], img.shape[:2])
              for p in ppocr.split_line(img[y0:y1, x0:x1])]
     held = np.stack([ppocr.rec_normalize(c) for c in crops])
+    changed = {label: np.stack([ppocr.rec_normalize(c) for c in imgs.values()])
+               for label, imgs in invisible_changes(dict(enumerate(crops))).items()}
     calib = np.stack([ppocr.rec_normalize(c) for c in rendered_lines(48)])
     return Reference("ppocr_rec", paths["rec"], "x", [{"x": calib[i:i + 8]} for i in range(0, 48, 8)], held,
-                     {"x": held[:8].copy()}, lambda session, x: lines(session, x, chars), compare_lines, calib)
+                     {"x": held[:8].copy()}, lambda session, x: lines(session, x, chars), compare_lines, calib, changed)

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _common, documents, wheels
-from .cnn import Reference, matched_boxes
+from .cnn import Reference, invisible_changes, matched_boxes
 
 PACKAGE, VERSION, MEMBER = "ddddocr", "1.6.1", "/common_det.onnx"
 SHA256 = "6faa8ea85a8c1a634e5050c4a138fca10f30194e0d7abbe9ade1fcd423af6ed6"  # of common_det.onnx in 1.6.1
@@ -293,11 +293,22 @@ def captchas(split: str, n: int) -> dict[str, np.ndarray]:
     return {f"captcha_{split}{i}": captcha(i, split)[0] for i in range(n)}
 
 
+def characters_found(drawn: dict[str, list], found: dict[str, Detections]) -> str:
+    """One line: the drawn characters (``drawn``: boxes per image) found by ``found`` at IoU ≥ 0.5 one-to-one,
+    and the boxes that match no character."""
+    hits = {k: matched_boxes((boxes, None, [0] * len(boxes)), found[k].triple(), 0.5) for k, boxes in drawn.items()}
+    total, hit = sum(len(b) for b in drawn.values()), sum(len(h) for h in hits.values())
+    extra = sum(len(found[k].boxes) for k in drawn) - hit
+    return f"ground truth: {hit}/{total} characters found, {extra} other boxes"
+
+
 def yolox_det(cache: Path) -> Reference:
     """The detector (fetched into ``cache``) with 16 calibration and 12 held-out captchas; task output
-    :func:`detect`, check :func:`compare_detections`."""
+    :func:`detect`, check :func:`compare_detections`, and the characters drawn as ground truth."""
     calib = captchas("calib", 16)
     held = captchas("heldout", 12)
+    drawn = {f"captcha_heldout{i}": captcha(i, "heldout")[1] for i in range(12)}
     first = next(iter(held.values()))
     return Reference("yolox_det", build(cache), INPUT, [{INPUT: preprocess(im)[0]} for im in calib.values()], held,
-                     {INPUT: preprocess(first)[0]}, detect, compare_detections, calib)
+                     {INPUT: preprocess(first)[0]}, detect, compare_detections, calib, invisible_changes(held),
+                     lambda found: characters_found(drawn, found))

@@ -26,6 +26,7 @@ from onnxlr.errors import OnnxlrError
 from onnxlr.executors import make_executor
 from onnxlr.graph import import_graph, spilling
 from onnxlr.passes.compose_chains import ComposeChainsConfig, ComposeLinearChains
+from onnxlr.passes.flush_denormals import FlushDenormals
 from onnxlr.passes.fold_constants import FoldConstants
 from onnxlr.passes.name_nodes import NameNodes, repeated_names
 from onnxlr.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
@@ -88,9 +89,10 @@ class _Run:
         self.options, self.original, self.path, self.spill, self.sampled = options, original, path, spill, sampled
         arrived = import_graph(original)
         self.int8_weights = prequantized.weight_quantized_nodes(arrived)
-        # Every node gets a name of its own, and weights computed from constants (int8 QDQ weights among
-        # them) become float initializers first; everything below sees the named, folded model.
-        self.work, folded = PassManager([NameNodes(), FoldConstants()]).run(original)
+        # Every node gets a name of its own, weights computed from constants (int8 QDQ weights among
+        # them) become float initializers, and subnormal weights (slow on every CPU) become 0 first;
+        # everything below sees the named, folded model.
+        self.work, folded = PassManager([NameNodes(), FoldConstants(), FlushDenormals()]).run(original)
         self.records = [r for r in [*renamed, prequantized.qoperator_record(arrived), *folded] if r.layers]
         calib, threads = options.calibration, options.execution.threads
         self.service = None
