@@ -292,7 +292,8 @@ def test_int8_cnn_recipe_runs_through_optimize(tmp_path):
     planned = 1 if search.config["choice"]["float_head"] else 2  # the second conv is the head
     assert search.config["qlinearconv"] == search.config["int8_convs_planned"] == planned
     kept = search.config["kept"]
-    assert kept == ("int8" if search.config["speedup"] >= max(1.05, 1 + search.config["noise"]) else "float")
+    # conv → Relu → conv has no float rewrite, so what int8 is measured against is the original
+    assert kept == ("int8" if search.config["speedup"] >= max(1.05, 1 + search.config["noise"]) else "original")
     assert optimized_ops(optimized).count("QLinearConv") == (planned if kept == "int8" else 0)
 
 
@@ -304,7 +305,7 @@ def test_int8_that_changes_the_task_on_calibration_data_is_rejected():
     model = net.model([out])
     service = StatisticsService.of(model, data(net.shape, 8), batch_size=2, threads=1)
     result = conv_int8.search(model, service, evaluate=lambda m: 0.5, rules=("minmax",), repeats=3)
-    assert result.search.config["kept"] == "float" and result.search.config["task_error"] == 0.5
+    assert result.search.config["kept"] == "original" and result.search.config["task_error"] == 0.5
     assert "changes the task output" in result.search.layers[0].details["verdict"]
     assert result.int8 is not None and optimized_ops(result.model).count("QLinearConv") == 0
 
@@ -436,10 +437,12 @@ def test_convtranspose_stays_float_because_ort_cpu_has_no_integer_kernel():
     assert "ConvTranspose" in ops and not [op for op in ops if op.startswith("QLinearConvTranspose")]
 
 
-def test_float_rewrites_slower_than_the_original_are_not_kept(monkeypatch):
+@pytest.mark.parametrize("float_ms", [1.5, 1.0])
+def test_float_rewrites_not_faster_than_the_original_are_not_kept(monkeypatch, float_ms):
     """ONNX Runtime can run a decomposed activation faster than the fused form (PP-OCR rec: the float
-    rewrites measured 0.80× of the original): when the timing says the rewrites are slower, the search
-    returns the original model untouched, and says why."""
+    rewrites measured 0.80× of the original), and a fusion that gains nothing on the CPU provider runs at
+    0.4× on OpenVINO's: unless the timing says the rewrites are faster, the search returns the original
+    model untouched, and says why; measurably faster rewrites are kept."""
     from onnxlr.planning import conv_int8
     from onnxlr.runtimes.latency import Latency
 
@@ -450,14 +453,17 @@ def test_float_rewrites_slower_than_the_original_are_not_kept(monkeypatch):
     model = net.model([net.conv(hs, 16, 8)])
     service = StatisticsService.of(model, data(net.shape, 8), batch_size=2, threads=1)
 
-    def timed(run, models, repeats=None):  # measured: rewrites slower, int8 slower still
-        ms = {"original": 1.0, "float": 1.5, "int8": 2.0}
-        return {label: Latency(ms[label], ms[label], 9, [ms[label]] * 9) for label in models}
+    def timing(ms):
+        def timed(run, models, repeats=None):  # measured: int8 slower than both
+            return {label: Latency(ms[label], ms[label], 9, [ms[label]] * 9) for label in models}
+        return timed
 
-    monkeypatch.setattr(conv_int8, "_time", timed)
+    monkeypatch.setattr(conv_int8, "_time", timing({"original": 1.0, "float": float_ms, "int8": 2.0}))
     result = conv_int8.search(model, service, rules=("minmax",), repeats=3)
     assert [c.op for r in result.records for c in r.layers if c.action == "rewritten"] == []  # no rewrite kept
     assert result.model is model and result.search.config["kept"] == "original"
-    assert "the float rewrites ran slower" in result.search.layers[0].details["verdict"]
+    assert "the float rewrites were not faster" in result.search.layers[0].details["verdict"]
+    monkeypatch.setattr(conv_int8, "_time", timing({"original": 1.0, "float": 0.5, "int8": 2.0}))
+    assert conv_int8.search(model, service, rules=("minmax",), repeats=3).search.config["kept"] == "float"
     _, records = conv_int8.float_prepass(model)
     assert [c for r in records for c in r.layers if c.action == "rewritten"]  # there was a rewrite to refuse

@@ -219,17 +219,19 @@ def search(model: onnx.ModelProto, service, *, evaluate=None, provider: str = "C
            threads: int | None = None, rules: Sequence[str] = RULES, repeats: int = 20) -> Result:
     """The fastest of ``model``, its exact float rewrites and its best int8 candidate on ``provider``
     (timed interleaved): int8 only if faster than both by more than the noise and, with ``evaluate``, its
-    task output on the calibration data unchanged; the float rewrites only if not measurably slower than
-    the original (ONNX Runtime may run a decomposed activation faster than the fused one). The search
-    record says which and why."""
+    task output on the calibration data unchanged; the float rewrites only if measurably faster than the
+    original (ONNX Runtime may run a decomposed activation faster than the fused one, and a rewrite that
+    gains nothing here can cost on another provider). The search record says which and why."""
     run = ConvInt8Search(model, service, evaluate=evaluate, provider=provider, threads=threads, repeats=repeats)
     choice, int8_model, int8_records = run.choose(rules)
     times = _time(run, {"original": model, "float": run.prepassed, "int8": int8_model})
     ms = {label: t.median_ms for label, t in times.items()}
     rewrote = any(c.action == "rewritten" for r in run.prepass_records for c in r.layers)
     rewrite_noise = speedup_noise(times["original"], times["float"]) or 0.0
-    rewrites_slower = rewrote and ms["float"] > ms["original"] * (1.0 + rewrite_noise)
-    floor = "original" if rewrites_slower else "float"
+    # the rewrites are kept only where they pay on the target: a fused HardSwish that gains nothing on
+    # the CPU provider runs at 0.4x on OpenVINO's
+    rewrites_pay = rewrote and ms["float"] * (1.0 + rewrite_noise) < ms["original"]
+    floor = "float" if rewrites_pay else "original"
     speedup, noise = ms[floor] / ms["int8"], speedup_noise(times[floor], times["int8"]) or 0.0
     counts = fused_op_counts(int8_model.SerializeToString(), run.threads)
     planned = sum(1 for r in int8_records for c in r.rewritten if r.name == "quantize_conv_int8" and c.op == "Conv")
@@ -253,7 +255,7 @@ def search(model: onnx.ModelProto, service, *, evaluate=None, provider: str = "C
 
 def _verdict(kept: str, floor: str, speedup: float, noise: float, task_error: float, provider: str) -> str:
     """One line saying what the search kept and why."""
-    base = "the float rewrites" if floor == "float" else "the original (the float rewrites ran slower)"
+    base = "the float rewrites" if floor == "float" else "the original (the float rewrites were not faster)"
     if kept == "int8":
         return f"int8 kept: {speedup:.2f}x faster than {base} on {provider}"
     if task_error > 0:

@@ -104,7 +104,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "(BatchNorm folding, HardSwish fusion); equalization, range rule, bias correction, GPTQ or nearest "
            "rounding and a float head chosen by the calibration outputs, a range-mixing Concat (a YOLO head) "
            "and the pixel arithmetic before it kept float automatically; int8 kept only if measured faster on "
-           "the target, else the float rewrites alone",
+           "the target, else the float rewrites alone where they are faster, else the original",
            steps=_CNN_INT8, needs_calib=True, search=_conv_int8_search),
     Recipe("int8-qdq", "as int8 with --calib, written as QuantizeLinear/DequantizeLinear pairs: portable "
            "to mobile providers, slower than int8 on ONNX Runtime CPU (bias not fused)",
