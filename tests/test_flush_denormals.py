@@ -74,3 +74,19 @@ def test_the_optimizer_flushes_for_every_recipe(tmp_path):
     record = next(r for r in report.passes if r.name == "flush_denormals")
     assert sum(c.details["subnormal_zeroed"] for c in record.layers) > 0
     assert not any(subnormal_mask(v).any() for v in weights(model).values() if v.dtype == np.float32)
+
+
+def test_inspect_counts_subnormal_weights(tmp_path, capsys):
+    from onnxlr.cli import main
+
+    path = tmp_path / "subnormal.onnx"
+    model = conv_model_with_subnormal_weights()
+    onnx.save(model, str(path))
+    assert main(["inspect", str(path)]) == 0
+    count = int(subnormal_mask(weights(model)["w"]).sum())
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"{count:,} weights of 1 layer are subnormal floats") and last.endswith("(worst: conv)")
+    clean, _ = PassManager([FlushDenormals()]).run(model)
+    onnx.save(clean, str(path))
+    assert main(["inspect", str(path)]) == 0
+    assert "subnormal" not in capsys.readouterr().out

@@ -8,6 +8,7 @@ from onnxlr import conv_factors, io, linalg
 from onnxlr.graph import import_graph
 from onnxlr.macs import count_macs, node_key
 from onnxlr.matching import find_convs, find_layers
+from onnxlr.passes.flush_denormals import subnormal_mask
 from onnxlr.passes.fold_constants import FoldConstants
 from onnxlr.passes.name_nodes import NameNodes
 from onnxlr.pipeline import PassManager
@@ -19,7 +20,8 @@ ENERGIES = (0.9, 0.99)
 def inspect(model, *, dims: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
     """Per MatMul/Gemm and Conv layer: weight shape, params, MACs, whether factorizable, break-even
     rank, the spectrum energy kept at a few ranks and the ranks reaching 90% / 99% of it (for a conv,
-    of its channel unfolding).
+    of its channel unfolding), and how many of its weights are subnormal floats (slow on CPUs; every
+    ``optimize`` recipe sets them to 0).
 
     MACs are per output row / pixel (``macs_per_row``) and, when shape inference can tell the layer's
     output shape (symbolic input dimensions set through ``dims``, a leading batch dimension taken as
@@ -37,6 +39,7 @@ def inspect(model, *, dims: Mapping[str, int] | None = None) -> list[dict[str, A
                  for layer in convs]
     out = []
     for node, weight, shape, M in matrices:
+        subnormal = int(subnormal_mask(M).sum()) if M.dtype.kind == "f" else 0
         k, n = M.shape
         s = linalg.svd(M)[1]
         kept = linalg.energy_kept(s)
@@ -49,6 +52,7 @@ def inspect(model, *, dims: Mapping[str, int] | None = None) -> list[dict[str, A
             "break_even_rank": round(linalg.break_even_rank(k, n), 1),
             "energy_at_rank": {int(r): round(float(kept[r - 1]), 4) for r in sorted(ranks)},
             "rank_for_energy": {e: linalg.rank_for_energy(s, e) for e in ENERGIES},
+            "subnormal_weights": subnormal,
         })
     for change in [*skipped, *conv_skipped]:
         out.append({"node": change.node, "op": change.op, "factorizable": False, "reason": change.reason})
