@@ -4,7 +4,7 @@ A float32 value below 2⁻¹²⁶ ≈ 1.2e-38 in magnitude is *subnormal* (denor
 compute with subnormal operands through a slow microcode path, tens of times slower per instruction, and
 a convolution whose weights hold many of them slows down as a whole. Training leaves them in some
 exported models: a quarter of one 768→384 1×1 conv's weights in PP-OCRv6's text detector (256k subnormal
-weights in all) make that model 2.5× slower on ONNX Runtime's CPU provider than the same model with them
+weights in all) make that model 2.9× slower on ONNX Runtime's CPU provider than the same model with them
 at zero. ONNX Runtime can flush them only when the user sets a session option
 (``session.set_denormal_as_zero``); the model file cannot ask for it.
 
