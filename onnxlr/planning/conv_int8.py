@@ -255,14 +255,15 @@ def search(model: onnx.ModelProto, service, *, evaluate=None, provider: str = "C
 
 def _verdict(kept: str, floor: str, speedup: float, noise: float, task_error: float, provider: str) -> str:
     """One line saying what the search kept and why."""
-    base = "the float rewrites" if floor == "float" else "the original (the float rewrites were not faster)"
+    base = "the float rewrites" if floor == "float" else "the original"
+    why = "" if floor == "float" else " (the float rewrites were not faster)"
     if kept == "int8":
-        return f"int8 kept: {speedup:.2f}x faster than {base} on {provider}"
+        return f"int8 kept: {speedup:.2f}x faster than {base}{why} on {provider}"
     if task_error > 0:
         return (f"int8 rejected: the best choice changes the task output on the calibration data (error "
-                f"{task_error:.4g}); every conv stays float, {base} kept")
+                f"{task_error:.4g}); every conv stays float, {base} kept{why}")
     return (f"int8 rejected: {speedup:.2f}x of {base}'s speed on {provider} (needs "
-            f"{max(MIN_SPEEDUP, 1 + noise):.2f}x); every conv stays float, {base} kept")
+            f"{max(MIN_SPEEDUP, 1 + noise):.2f}x); every conv stays float, {base} kept{why}")
 
 
 def rounding_harm(service, base: onnx.ModelProto, model: onnx.ModelProto,
