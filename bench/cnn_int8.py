@@ -28,11 +28,7 @@ import onnx
 from onnxlr.graph import import_graph
 from onnxlr.integer_regions import head_nodes
 from onnxlr.models import cnn
-from onnxlr.passes.flush_denormals import FlushDenormals
-from onnxlr.passes.fold_constants import FoldConstants
-from onnxlr.passes.name_nodes import NameNodes
-from onnxlr.pipeline import PassManager
-from onnxlr.planning import conv_int8
+from onnxlr.planning import conv_int8, optimizer
 from onnxlr.runtimes.calibration import StatisticsService
 from onnxlr.runtimes.devices import Device
 from onnxlr.runtimes.fusions import fused_op_counts
@@ -49,12 +45,12 @@ REJECTED = "onnxlr int8 candidate (rejected by the search)"
 
 
 def prepared(path: Path) -> onnx.ModelProto:
-    """The model as onnxlr's optimizer sees it: opset ≥ 13 (per-axis DequantizeLinear), nodes named,
-    computed constants folded, subnormal weights zeroed."""
+    """The model as onnxlr's optimizer sees it: opset ≥ 13 (per-axis DequantizeLinear), then
+    :func:`onnxlr.planning.optimizer.prepare`."""
     model = onnx.load(str(path))
     if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 13:
         model = onnx.version_converter.convert_version(model, 13)
-    return PassManager([NameNodes(), FoldConstants(), FlushDenormals()]).run(model)[0]
+    return optimizer.prepare(model)[0]
 
 
 class _Reader:

@@ -306,8 +306,9 @@ def yolox_det(cache: Path) -> Reference:
     """The detector (fetched into ``cache``) with 16 calibration and 12 held-out captchas; task output
     :func:`detect`, check :func:`compare_detections`, and the characters drawn as ground truth."""
     calib = captchas("calib", 16)
-    held = captchas("heldout", 12)
-    drawn = {f"captcha_heldout{i}": captcha(i, "heldout")[1] for i in range(12)}
+    rendered = {f"captcha_heldout{i}": captcha(i, "heldout") for i in range(12)}  # as captchas(): image, boxes
+    held = {k: img for k, (img, _) in rendered.items()}
+    drawn = {k: boxes for k, (_, boxes) in rendered.items()}
     first = next(iter(held.values()))
     return Reference("yolox_det", build(cache), INPUT, [{INPUT: preprocess(im)[0]} for im in calib.values()], held,
                      {INPUT: preprocess(first)[0]}, detect, compare_detections, calib, invisible_changes(held),

@@ -27,7 +27,11 @@ WIDE_FLOATS = (np.float32, np.float64)
 
 
 def subnormal_mask(values: np.ndarray) -> np.ndarray:
-    """Where ``values`` (float32 or float64) are subnormal: nonzero and below the smallest normal number."""
+    """Where ``values`` are subnormal float32/float64 numbers: nonzero and below the smallest normal
+    number. All False for other dtypes (float16 is normal once a CPU widens it; integers have none)."""
+    values = np.asarray(values)
+    if values.dtype not in WIDE_FLOATS:
+        return np.zeros(values.shape, bool)
     return (values != 0) & (np.abs(values) < np.finfo(values.dtype).tiny)
 
 
@@ -47,6 +51,7 @@ class FlushDenormals(Pass):
         seen: set[int] = set()
         for sub in subgraphs(graph):
             for tensor in sub.tensors().values():
+                # the dtype first: it is known without loading the values of a lazily read weight
                 if (isinstance(tensor, gs.Constant) and id(tensor) not in seen and tensor.dtype in WIDE_FLOATS
                         and tensor.outputs):
                     seen.add(id(tensor))

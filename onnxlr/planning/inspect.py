@@ -28,6 +28,7 @@ def inspect(model, *, dims: Mapping[str, int] | None = None) -> list[dict[str, A
     1), for one full run (``macs``).
     """
     proto, _ = io.open_model(model)
+    # named and folded as optimizer.prepare does, but not flushed: the subnormal weights are reported
     proto = PassManager([NameNodes(), FoldConstants()]).run(proto)[0]
     macs = count_macs(proto, dims).per_node
     graph = import_graph(proto)
@@ -39,7 +40,6 @@ def inspect(model, *, dims: Mapping[str, int] | None = None) -> list[dict[str, A
                  for layer in convs]
     out = []
     for node, weight, shape, M in matrices:
-        subnormal = int(subnormal_mask(M).sum()) if M.dtype.kind == "f" else 0
         k, n = M.shape
         s = linalg.svd(M)[1]
         kept = linalg.energy_kept(s)
@@ -52,7 +52,7 @@ def inspect(model, *, dims: Mapping[str, int] | None = None) -> list[dict[str, A
             "break_even_rank": round(linalg.break_even_rank(k, n), 1),
             "energy_at_rank": {int(r): round(float(kept[r - 1]), 4) for r in sorted(ranks)},
             "rank_for_energy": {e: linalg.rank_for_energy(s, e) for e in ENERGIES},
-            "subnormal_weights": subnormal,
+            "subnormal_weights": int(subnormal_mask(M).sum()),
         })
     for change in [*skipped, *conv_skipped]:
         out.append({"node": change.node, "op": change.op, "factorizable": False, "reason": change.reason})

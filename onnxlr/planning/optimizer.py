@@ -80,6 +80,13 @@ def optimize(model, options: OptimizeOptions) -> tuple[onnx.ModelProto, Report]:
         return _Run(options, original, path, spill, executor, sampled, renamed).result()
 
 
+def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """The graph every recipe starts from, and the records of the passes that made it: every node named,
+    weights computed from constants (int8 QDQ weights among them) folded into float initializers,
+    subnormal float weights (slow on every CPU) set to 0."""
+    return PassManager([NameNodes(), FoldConstants(), FlushDenormals()]).run(model)
+
+
 class _Run:
     """The state one :func:`optimize` shares between builds: the folded model, the calibration service,
     the factorizer and the steps of the recipe."""
@@ -89,10 +96,7 @@ class _Run:
         self.options, self.original, self.path, self.spill, self.sampled = options, original, path, spill, sampled
         arrived = import_graph(original)
         self.int8_weights = prequantized.weight_quantized_nodes(arrived)
-        # Every node gets a name of its own, weights computed from constants (int8 QDQ weights among
-        # them) become float initializers, and subnormal weights (slow on every CPU) become 0 first;
-        # everything below sees the named, folded model.
-        self.work, folded = PassManager([NameNodes(), FoldConstants(), FlushDenormals()]).run(original)
+        self.work, folded = prepare(original)  # everything below sees the prepared model
         self.records = [r for r in [*renamed, prequantized.qoperator_record(arrived), *folded] if r.layers]
         calib, threads = options.calibration, options.execution.threads
         self.service = None
